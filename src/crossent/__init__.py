@@ -1,0 +1,25 @@
+"""crossent: the cross-entropy loss and its parts (softmax, log_softmax, logsumexp, NLL).
+
+Exact PyTorch semantics with analytic gradients on NumPy and any Array-API array; numerically stable
+where the naive formulas overflow. ``import crossent`` imports NumPy and nothing heavier; the PyTorch
+layer is ``crossent.torch``, imported on purpose.
+"""
+
+from ._functional import cross_entropy, cross_entropy_and_grad, log_softmax, logsumexp, nll_loss, softmax
+from ._modules import CrossEntropyLoss, LogSoftmax, NLLLoss, Softmax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CrossEntropyLoss",
+    "LogSoftmax",
+    "NLLLoss",
+    "Softmax",
+    "__version__",
+    "cross_entropy",
+    "cross_entropy_and_grad",
+    "log_softmax",
+    "logsumexp",
+    "nll_loss",
+    "softmax",
+]

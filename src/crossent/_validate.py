@@ -1,0 +1,237 @@
+"""Argument and shape checks shared by every path (reference, native kernel, torch layer).
+
+This is the one home of crossent's error messages: every public function validates here, before any
+computation, so that a bad call raises the same clear exception whichever backend would have run it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+REDUCTIONS = ("none", "mean", "sum")
+
+# A target dtype is either integral (class indices) or floating (class probabilities); a float16 or
+# bfloat16 array is "half" and is computed in float32.
+_HALF_NAMES = ("float16", "bfloat16", "half")
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The loss options after validation; every backend reads them from here."""
+
+    reduction: str = "mean"
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+    normalizer: Any = None  # None, a positive number, or a 0-d array of the input's library
+    zero_if_all_ignored: bool = False
+
+
+@dataclass(frozen=True)
+class LossShape:
+    """Where the classes are and what the target holds, for one validated (input, target) pair."""
+
+    class_axis: int  # non-negative
+    n_classes: int
+    batch_shape: tuple[int, ...]  # input shape without the class axis = shape of reduction="none"
+    probability_target: bool
+
+
+def dtype_name(dtype: Any) -> str:
+    """``float32`` for numpy's, torch's (``torch.float32``) and JAX's float32 alike."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def is_half(dtype: Any) -> bool:
+    return dtype_name(dtype) in _HALF_NAMES
+
+
+def is_floating(xp: Any, dtype: Any) -> bool:
+    # bfloat16 from ml_dtypes is a NumPy "void" kind that isdtype does not recognise.
+    if is_half(dtype):
+        return True
+    try:
+        return bool(xp.isdtype(dtype, "real floating"))
+    except (TypeError, ValueError):
+        return False
+
+
+def is_integral(xp: Any, dtype: Any) -> bool:
+    try:
+        return bool(xp.isdtype(dtype, "integral"))  # excludes bool
+    except (TypeError, ValueError):
+        return False
+
+
+def require_floating(xp: Any, x: Any, what: str) -> None:
+    if not is_floating(xp, x.dtype):
+        raise TypeError(
+            f"{what} must have a real floating dtype (float16, bfloat16, float32 or float64), got {dtype_name(x.dtype)}"
+        )
+
+
+def check_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return int(value)
+
+
+def resolve_axis(axis: Any, ndim: int, *, torch_rule: bool) -> int:
+    """The class axis as a non-negative int; None follows torch (axis 1, or 0 for a 1-D input)."""
+    if ndim == 0:
+        raise ValueError("input must have at least one dimension (the classes), got a 0-d array")
+    if axis is None:
+        if not torch_rule:
+            raise TypeError("axis must be an int, got None")
+        return 0 if ndim == 1 else 1
+    axis = check_int(axis, "axis")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for an input with {ndim} dimensions")
+    return axis % ndim
+
+
+def _check_real(value: Any, name: str, low: float, high: float, *, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    v = float(value)
+    inside = (low < v if low_open else low <= v) and v <= high
+    if not inside:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value!r}")
+    return v
+
+
+def loss_options(
+    *,
+    reduction: Any,
+    ignore_index: Any,
+    label_smoothing: Any = 0.0,
+    z_loss: Any = 0.0,
+    softcap: Any = None,
+    normalizer: Any = None,
+    zero_if_all_ignored: Any = False,
+) -> LossOptions:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_int(ignore_index, "ignore_index")
+    eps = _check_real(label_smoothing, "label_smoothing", 0.0, 1.0)
+    z = _check_real(z_loss, "z_loss", 0.0, math.inf)
+    if math.isinf(z):
+        raise ValueError(f"z_loss must be finite, got {z_loss!r}")
+    cap = None
+    if softcap is not None:
+        cap = _check_real(softcap, "softcap", 0.0, math.inf, low_open=True)
+        if math.isinf(cap):
+            raise ValueError(f"softcap must be finite (or None for no capping), got {softcap!r}")
+    if normalizer is not None:
+        if reduction != "mean":
+            raise ValueError(f"normalizer only applies to reduction='mean', got reduction={reduction!r}")
+        if isinstance(normalizer, numbers.Real) and not isinstance(normalizer, bool):
+            norm = _check_real(normalizer, "normalizer", 0.0, math.inf, low_open=True)
+            if math.isinf(norm):
+                raise ValueError(f"normalizer must be finite, got {normalizer!r}")
+            normalizer = norm
+        elif getattr(normalizer, "shape", None) != ():
+            # A 0-d array (e.g. an all-reduced token count) is accepted unread: reading it would
+            # force a device synchronisation.
+            raise TypeError(f"normalizer must be a positive number or a 0-d array, got {normalizer!r}")
+    if not isinstance(zero_if_all_ignored, bool):
+        raise TypeError(f"zero_if_all_ignored must be a bool, got {zero_if_all_ignored!r}")
+    return LossOptions(
+        reduction=reduction,
+        ignore_index=int(ignore_index),
+        label_smoothing=eps,
+        z_loss=z,
+        softcap=cap,
+        normalizer=normalizer,
+        zero_if_all_ignored=zero_if_all_ignored,
+    )
+
+
+def loss_shape(xp: Any, input: Any, target: Any, axis: Any, *, allow_probabilities: bool) -> LossShape:
+    """Check the input/target pair and say where the classes are."""
+    require_floating(xp, input, "input")
+    ndim = input.ndim
+    class_axis = resolve_axis(axis, ndim, torch_rule=True)
+    shape = tuple(int(s) for s in input.shape)
+    n_classes = shape[class_axis]
+    batch_shape = shape[:class_axis] + shape[class_axis + 1 :]
+    target_shape = tuple(int(s) for s in target.shape)
+    if is_floating(xp, target.dtype):
+        if not allow_probabilities:
+            raise TypeError(f"target must hold class indices (an integer dtype), got {dtype_name(target.dtype)}")
+        if target_shape != shape:
+            raise ValueError(
+                f"a floating target holds class probabilities and must have the input's shape "
+                f"{shape}, got {target_shape} (class-index targets need an integer dtype)"
+            )
+        return LossShape(class_axis, n_classes, batch_shape, probability_target=True)
+    if not is_integral(xp, target.dtype):
+        kinds = "an integer dtype (class indices)"
+        if allow_probabilities:
+            kinds += " or a floating dtype (class probabilities)"
+        raise TypeError(f"target must have {kinds}, got {dtype_name(target.dtype)}")
+    if target_shape != batch_shape:
+        raise ValueError(
+            f"target shape {target_shape} does not match input shape {shape} with classes on axis "
+            f"{class_axis}: expected target shape {batch_shape}"
+        )
+    return LossShape(class_axis, n_classes, batch_shape, probability_target=False)
+
+
+def index_dtype(xp: Any, dtype: Any, ignore_index: int) -> Any:
+    """A signed integer dtype that holds every value of ``dtype`` and ``ignore_index``.
+
+    Comparing a uint8 target with ignore_index=-100 is only well defined in a signed type; int32
+    suffices for everything but 64-bit targets (and keeps JAX, which lacks int64 by default, quiet).
+    """
+    if xp.iinfo(dtype).bits == 64 or not -(2**31) <= ignore_index < 2**31 or dtype_name(dtype) == "uint32":
+        return xp.int64
+    return xp.int32
+
+
+def check_class_indices(xp: Any, target: Any, n_classes: int, ignore_index: int) -> None:
+    """IndexError naming a target value outside [0, n_classes) that is not ignore_index."""
+    if math.prod(target.shape) == 0:
+        return
+    t = xp.astype(target, index_dtype(xp, target.dtype, ignore_index))
+    bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
+    if not bool(xp.any(bad)):
+        return
+    # Name the largest offender, or the most negative one when none is too large.
+    too_large = bad & (t >= n_classes)
+    if bool(xp.any(too_large)):
+        value = int(xp.max(xp.where(too_large, t, xp.zeros_like(t))))
+    else:
+        value = int(xp.min(xp.where(bad, t, xp.zeros_like(t))))
+    raise IndexError(
+        f"target value {value} is out of range for {n_classes} classes: expected "
+        f"0 <= target < {n_classes}, or target == ignore_index ({ignore_index})"
+    )
+
+
+def check_weight(xp: Any, weight: Any, n_classes: int) -> None:
+    require_floating(xp, weight, "weight")
+    if tuple(weight.shape) != (n_classes,):
+        raise ValueError(
+            f"weight must be a 1-D array with one entry per class ({n_classes},), got shape {tuple(weight.shape)}"
+        )
+
+
+def check_grad_output(grad_output: Any, loss_shape_: tuple[int, ...], reduction: str) -> None:
+    if reduction == "none":
+        if grad_output is None:
+            raise ValueError(
+                f"grad_output is required with reduction='none': pass the upstream gradient of shape {loss_shape_}"
+            )
+        shape = tuple(int(s) for s in getattr(grad_output, "shape", ()))
+        if shape != loss_shape_:
+            raise ValueError(f"grad_output must have the loss shape {loss_shape_}, got {shape}")
+    elif grad_output is not None:
+        shape = tuple(int(s) for s in getattr(grad_output, "shape", ()))
+        if shape != ():
+            raise ValueError(f"grad_output must be a scalar with reduction={reduction!r}, got shape {shape}")

@@ -1,0 +1,134 @@
+"""The one parity oracle: PyTorch's own cross_entropy / nll_loss with autograd, in float64 by default.
+
+crossent's extras that torch lacks are built here from torch primitives, the way a user would write
+them by hand: ``softcap`` with ``torch.tanh`` before the loss, ``z_loss`` from ``torch.logsumexp``,
+``normalizer`` as a sum divided by that number, ``axis`` with ``torch.movedim``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+@dataclass
+class Oracle:
+    loss: np.ndarray
+    grad: np.ndarray | None
+
+
+def _tensor(a: Any, dtype: Any = None) -> Any:
+    return torch.tensor(np.asarray(a), dtype=dtype)
+
+
+def cross_entropy(
+    x: np.ndarray,
+    target: np.ndarray,
+    weight: np.ndarray | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    axis: int | None = None,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    normalizer: float | None = None,
+    zero_if_all_ignored: bool = False,
+    grad_output: Any = None,
+    dtype: Any = None,
+    want_grad: bool = True,
+) -> Oracle:
+    """Loss and d(loss)/d(x) from torch (``dtype`` defaults to float64, computed on the CPU)."""
+    dtype = torch.float64 if dtype is None else dtype
+    xt = _tensor(x, dtype).requires_grad_(want_grad)
+    probability = np.issubdtype(np.asarray(target).dtype, np.floating)
+    moved = xt if axis is None or xt.ndim < 2 else torch.movedim(xt, axis, 1)
+    tt = _tensor(target, dtype) if probability else _tensor(target).long()
+    if probability and axis is not None and xt.ndim >= 2:
+        tt = torch.movedim(tt, axis, 1)
+    logits = moved if softcap is None else softcap * torch.tanh(moved / softcap)
+    w = None if weight is None else _tensor(weight, dtype)
+    plain = z_loss == 0 and normalizer is None and not zero_if_all_ignored
+    per = F.cross_entropy(
+        logits,
+        tt,
+        w,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction=reduction if plain else "none",
+    )
+    if not plain:
+        class_dim = 0 if logits.ndim == 1 else 1
+        valid = torch.ones_like(per, dtype=torch.bool) if probability else tt != ignore_index
+        if z_loss:
+            per = per + torch.where(valid, z_loss * torch.logsumexp(logits, class_dim) ** 2, 0.0)
+        if reduction == "none":
+            loss = per
+        elif reduction == "sum":
+            loss = per.sum()
+        else:
+            if normalizer is not None:
+                denom = torch.tensor(float(normalizer), dtype=dtype)
+            elif probability:
+                denom = torch.tensor(float(per.numel()), dtype=dtype)
+            else:
+                tw = torch.ones(logits.shape[class_dim], dtype=dtype) if w is None else w
+                denom = torch.where(valid, tw[tt.clamp(min=0) * valid], 0.0).sum()
+            loss = per.sum() / denom
+            if zero_if_all_ignored and denom == 0:
+                loss = per.sum() * 0.0
+    else:
+        loss = per
+    grad = None
+    if want_grad:
+        g = torch.ones_like(loss) if grad_output is None else _tensor(grad_output, dtype)
+        loss.backward(g)
+        grad = xt.grad.numpy()
+    return Oracle(loss=loss.detach().numpy(), grad=grad)
+
+
+def nll_loss(
+    x: np.ndarray,
+    target: np.ndarray,
+    weight: np.ndarray | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    *,
+    dtype: Any = None,
+) -> np.ndarray:
+    dtype = torch.float64 if dtype is None else dtype
+    w = None if weight is None else _tensor(weight, dtype)
+    out = F.nll_loss(_tensor(x, dtype), _tensor(target).long(), w, ignore_index=ignore_index, reduction=reduction)
+    return out.numpy()
+
+
+def log_softmax(x: np.ndarray, axis: int, dtype: Any = None) -> np.ndarray:
+    return F.log_softmax(_tensor(x, torch.float64 if dtype is None else dtype), dim=axis).numpy()
+
+
+def tolerances(dtype: Any) -> dict[str, float]:
+    """rtol/atol for comparing a result computed in ``dtype`` with the float64 oracle."""
+    name = np.dtype(dtype).name if not hasattr(dtype, "is_floating_point") else str(dtype).split(".")[-1]
+    return {
+        "float64": {"rtol": 1e-10, "atol": 1e-12},
+        "float32": {"rtol": 2e-5, "atol": 2e-6},
+        "float16": {"rtol": 2e-3, "atol": 2e-3},
+        "bfloat16": {"rtol": 1.6e-2, "atol": 1.6e-2},
+    }[name]
+
+
+def assert_close(actual: Any, expected: Any, dtype: Any, *, what: str = "", scale: float = 1.0) -> None:
+    """Shape, then values (NaN where the oracle has NaN), with tolerances scaled to ``dtype``."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != oracle {expected.shape}"
+    tol = tolerances(dtype)
+    np.testing.assert_allclose(
+        actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale, equal_nan=True, err_msg=what
+    )

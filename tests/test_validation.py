@@ -1,0 +1,134 @@
+"""Bad input raises a clear exception naming the bad value, before anything is computed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import crossent
+
+X = np.zeros((4, 3), dtype=np.float32)
+Y = np.array([0, 1, 2, 1])
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "pattern"),
+    [
+        (lambda: crossent.cross_entropy(X, np.array([0, 1, 3, 1])), IndexError, r"target value 3 .* 3 classes"),
+        (lambda: crossent.cross_entropy(X, np.array([0, -2, 1, 1])), IndexError, r"target value -2"),
+        (lambda: crossent.nll_loss(X, np.array([0, 1, 7, 1])), IndexError, r"target value 7"),
+        (
+            lambda: crossent.cross_entropy(X, np.array([0, 1, 2])),
+            ValueError,
+            r"target shape \(3,\) .* expected target shape \(4,\)",
+        ),
+        (
+            lambda: crossent.cross_entropy(np.zeros((2, 3, 5)), np.zeros((2, 3), int)),
+            ValueError,
+            r"expected target shape \(2, 5\)",
+        ),
+        (lambda: crossent.cross_entropy(X, Y, weight=np.ones(4)), ValueError, r"weight .* \(3,\), got shape \(4,\)"),
+        (lambda: crossent.cross_entropy(X, Y, weight=np.ones((3, 1))), ValueError, r"got shape \(3, 1\)"),
+        (lambda: crossent.cross_entropy(X, Y, reduction="avg"), ValueError, r"reduction must be one of .* got 'avg'"),
+        (
+            lambda: crossent.cross_entropy(X, Y, label_smoothing=-0.1),
+            ValueError,
+            r"label_smoothing must be in \[0.0, 1.0\], got -0.1",
+        ),
+        (lambda: crossent.cross_entropy(X, Y, label_smoothing=1.5), ValueError, r"got 1.5"),
+        (lambda: crossent.cross_entropy(X, Y, label_smoothing=float("nan")), ValueError, r"label_smoothing"),
+        (
+            lambda: crossent.cross_entropy(X, np.zeros((4, 2), np.float32)),
+            ValueError,
+            r"input's shape \(4, 3\), got \(4, 2\)",
+        ),
+        (
+            lambda: crossent.cross_entropy(X.astype(np.int32), Y),
+            TypeError,
+            r"input must have a real floating dtype.*int32",
+        ),
+        (
+            lambda: crossent.cross_entropy(X, Y.astype(bool)),
+            TypeError,
+            r"target must have an integer dtype .* got bool",
+        ),
+        (lambda: crossent.cross_entropy(X, Y.astype(np.complex64)), TypeError, r"got complex64"),
+        (lambda: crossent.cross_entropy(X, Y, axis=2), ValueError, r"axis 2 is out of range .* 2 dimensions"),
+        (lambda: crossent.cross_entropy(X, Y, axis=1.0), TypeError, r"axis must be an int, got 1.0"),
+        (lambda: crossent.cross_entropy(np.float32(1.0), np.int64(0)), ValueError, r"at least one dimension"),
+        (lambda: crossent.cross_entropy(X, Y, ignore_index=1.5), TypeError, r"ignore_index must be an int, got 1.5"),
+        (lambda: crossent.cross_entropy(X, Y, z_loss=-1.0), ValueError, r"z_loss must be in .* got -1.0"),
+        (lambda: crossent.cross_entropy(X, Y, softcap=0.0), ValueError, r"softcap must be in \(0.0, inf\], got 0.0"),
+        (lambda: crossent.cross_entropy(X, Y, softcap=float("inf")), ValueError, r"softcap must be finite"),
+        (lambda: crossent.cross_entropy(X, Y, normalizer=0), ValueError, r"normalizer must be in \(0.0, inf\], got 0"),
+        (
+            lambda: crossent.cross_entropy(X, Y, reduction="sum", normalizer=4),
+            ValueError,
+            r"normalizer only applies to reduction='mean'",
+        ),
+        (
+            lambda: crossent.cross_entropy(X, Y, normalizer="4"),
+            TypeError,
+            r"normalizer must be a positive number or a 0-d array",
+        ),
+        (
+            lambda: crossent.cross_entropy(X, Y, weight=np.ones(3, np.int64)),
+            TypeError,
+            r"weight must have a real floating dtype",
+        ),
+        (
+            lambda: crossent.cross_entropy_and_grad(X, Y, reduction="none"),
+            ValueError,
+            r"grad_output is required .* shape \(4,\)",
+        ),
+        (
+            lambda: crossent.cross_entropy_and_grad(X, Y, reduction="none", grad_output=np.ones(3)),
+            ValueError,
+            r"loss shape \(4,\), got \(3,\)",
+        ),
+        (
+            lambda: crossent.cross_entropy_and_grad(X, Y, grad_output=np.ones(4)),
+            ValueError,
+            r"scalar with reduction='mean'",
+        ),
+        (
+            lambda: crossent.nll_loss(X, np.zeros((4, 3), np.float32)),
+            TypeError,
+            r"class indices \(an integer dtype\), got float32",
+        ),
+        (lambda: crossent.log_softmax(np.arange(3)), TypeError, r"x must have a real floating dtype"),
+        (lambda: crossent.softmax(X, axis=-3), ValueError, r"axis -3 is out of range"),
+        (lambda: crossent.logsumexp(X, keepdims=1), TypeError, r"keepdims must be a bool"),
+        (lambda: crossent.CrossEntropyLoss(reduction="mena"), ValueError, r"got 'mena'"),
+        (lambda: crossent.LogSoftmax(dim="1"), TypeError, r"dim must be an int"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(call, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call()
+
+
+def test_arrays_from_two_libraries_are_refused():
+    torch = pytest.importorskip("torch")
+    strict = pytest.importorskip("array_api_strict")
+    with pytest.raises(TypeError, match="one library"):
+        crossent.cross_entropy(torch.zeros(4, 3), strict.asarray(np.zeros(4, dtype=np.int64)))
+
+
+def test_nan_logits_propagate_without_an_exception():
+    x = X.copy()
+    x[1, 2] = np.nan
+    loss = crossent.cross_entropy(x, Y, reduction="none")
+    assert np.isnan(loss[1]) and np.all(np.isfinite(loss[[0, 2, 3]]))
+    assert np.isnan(crossent.cross_entropy(x, Y))
+
+
+def test_the_class_index_check_runs_before_any_output(monkeypatch):
+    import crossent._reference as reference
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("computation started before validation")
+
+    monkeypatch.setattr(reference, "cross_entropy", must_not_run)
+    with pytest.raises(IndexError):
+        crossent.cross_entropy(X, np.array([0, 1, 9, 1]))
