@@ -5,6 +5,7 @@ where the naive formulas overflow. ``import crossent`` imports NumPy and nothing
 layer is ``crossent.torch``, imported on purpose.
 """
 
+from ._config import config, get_num_threads, set_num_threads, show_config
 from ._functional import cross_entropy, cross_entropy_and_grad, log_softmax, logsumexp, nll_loss, softmax
 from ._modules import CrossEntropyLoss, LogSoftmax, NLLLoss, Softmax
 
@@ -16,10 +17,14 @@ __all__ = [
     "NLLLoss",
     "Softmax",
     "__version__",
+    "config",
     "cross_entropy",
     "cross_entropy_and_grad",
     "log_softmax",
     "logsumexp",
     "nll_loss",
+    "get_num_threads",
+    "set_num_threads",
+    "show_config",
     "softmax",
 ]

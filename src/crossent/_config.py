@@ -1,0 +1,63 @@
+"""What crossent runs on: the native kernel or the reference, its instruction set and its threads."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+from . import _native, _validate
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the native kernel uses (default: ``OMP_NUM_THREADS``, else every core).
+
+    Results are bitwise the same for any thread count.
+    """
+    n = _validate.check_int(n, "n")
+    if n < 1:
+        raise ValueError(f"the number of threads must be at least 1, got {n}")
+    if _native.extension is not None:
+        _native.extension.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Threads the native kernel uses (1 when it is not built)."""
+    return 1 if _native.extension is None else int(_native.extension.get_num_threads())
+
+
+def config() -> dict[str, Any]:
+    """The facts :func:`show_config` prints, as a dict."""
+    ext = _native.extension
+    info: dict[str, Any] = {
+        "native": ext is not None,
+        "path": "native C++ kernel (NumPy arrays)" if ext is not None else "Array-API reference",
+        "isa": ext.isa() if ext is not None else None,
+        "available_isas": list(ext.available_isas()) if ext is not None else [],
+        "openmp": bool(ext.openmp) if ext is not None else False,
+        "threads": get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    if ext is None:
+        info["load_error"] = _native.load_error
+    return info
+
+
+def show_config() -> None:
+    """Print which path crossent uses, the SIMD level and the thread count.
+
+    Examples
+    --------
+    >>> import crossent
+    >>> crossent.show_config()  # doctest: +ELLIPSIS
+    crossent ...
+      path: ...
+    """
+    from . import __version__
+
+    info = config()
+    print(f"crossent {__version__}")
+    for key, value in info.items():
+        print(f"  {key}: {value}")

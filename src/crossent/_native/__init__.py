@@ -1,0 +1,164 @@
+"""The native CPU kernel's Python side: lay NumPy arrays out for it, call it, shape its results.
+
+Arguments arrive validated (crossent._validate); this module only maps them onto the kernel's
+(outer, classes, inner) view and its enums (kernel_api.hpp). If the compiled module is missing or fails
+to load, ``extension`` is None and crossent runs the Array-API reference instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .._validate import LossOptions, LossShape, dtype_name
+
+try:
+    from . import _crossent_native as extension
+except ImportError as error:  # not built (CROSSENT_NATIVE=OFF), or built for another Python
+    extension = None
+    load_error: str | None = f"{type(error).__name__}: {error}"
+else:
+    load_error = None
+
+# Values of the enums in kernel_api.hpp.
+_DTYPE_CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
+_TARGET_CODES = {"int64": 0, "int32": 1, "uint8": 2}
+_PROBABILITY = 3
+_REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
+_LOG_SOFTMAX, _SOFTMAX, _LOGSUMEXP = 0, 1, 2
+
+
+def supports(x: Any) -> bool:
+    """Whether the kernel takes this NumPy array (dtype, non-empty)."""
+    if extension is None or not isinstance(x, np.ndarray) or x.size == 0:
+        return False
+    name = dtype_name(x.dtype)
+    if name == "float16" and not extension.has_float16:
+        return False
+    return name in _DTYPE_CODES
+
+
+def _layout(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
+    """(outer, classes, inner) of a C-contiguous array with classes on ``axis``."""
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+
+
+def _kernel_view(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """A C-contiguous view the kernel can read, and its dtype code. Half types travel as uint16 bits."""
+    x = np.ascontiguousarray(x)
+    code = _DTYPE_CODES[dtype_name(x.dtype)]
+    return (x.view(np.uint16) if x.dtype.itemsize == 2 else x), code
+
+
+def _compute_dtype(dtype: np.dtype) -> type:
+    return np.float64 if dtype == np.float64 else np.float32
+
+
+def _weight(weight: Any, dtype: np.dtype) -> np.ndarray | None:
+    return None if weight is None else np.ascontiguousarray(weight, dtype=_compute_dtype(dtype))
+
+
+def _target(target: np.ndarray, shape: LossShape, dtype: np.dtype) -> tuple[np.ndarray, int]:
+    if shape.probability_target:
+        view, _ = _kernel_view(np.asarray(target, dtype=dtype))
+        return view, _PROBABILITY
+    name = dtype_name(target.dtype)
+    if name not in _TARGET_CODES:  # other integer widths: widen (a batch-sized copy)
+        target, name = target.astype(np.int64), "int64"
+    return np.ascontiguousarray(target), _TARGET_CODES[name]
+
+
+def _normalizer(opts: LossOptions) -> float:
+    return 0.0 if opts.normalizer is None else float(opts.normalizer)
+
+
+def _cross_entropy(
+    input: np.ndarray,
+    target: Any,
+    weight: Any,
+    shape: LossShape,
+    opts: LossOptions,
+    *,
+    want_grad: bool,
+    grad_output: Any,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    assert extension is not None
+    dtype = input.dtype
+    x, code = _kernel_view(input)
+    outer, classes, inner = _layout(input.shape, shape.class_axis)
+    t, kind = _target(target, shape, dtype)
+    cdt = _compute_dtype(dtype)
+    rows = outer * inner
+    loss_rows = np.empty(rows, dtype=cdt) if opts.reduction == "none" else None
+    grad = np.empty(input.shape, dtype=dtype) if want_grad else None
+    grad_rows = None
+    grad_scale = 1.0
+    if want_grad and opts.reduction == "none":
+        grad_rows = np.ascontiguousarray(np.asarray(grad_output, dtype=cdt).reshape(rows))
+    elif want_grad and grad_output is not None:
+        grad_scale = float(grad_output)
+    total = extension.cross_entropy(
+        x, code, outer, classes, inner, t, kind, _weight(weight, dtype), opts.ignore_index, opts.label_smoothing,
+        opts.z_loss, opts.softcap or 0.0, _REDUCTION_CODES[opts.reduction], _normalizer(opts),
+        opts.zero_if_all_ignored, None if grad is None else _kernel_view(grad)[0], grad_rows, grad_scale, loss_rows,
+    )  # fmt: skip
+    if loss_rows is not None:
+        loss = loss_rows.reshape(shape.batch_shape).astype(dtype)
+    else:
+        loss = np.asarray(total).astype(dtype)
+    return loss, grad
+
+
+class NativeKernel:
+    """The kernel, with the call signatures of crossent._reference."""
+
+    @staticmethod
+    def cross_entropy(input: Any, target: Any, weight: Any, shape: LossShape, opts: LossOptions) -> Any:
+        return _cross_entropy(input, target, weight, shape, opts, want_grad=False, grad_output=None)[0]
+
+    @staticmethod
+    def cross_entropy_and_grad(
+        input: Any, target: Any, weight: Any, shape: LossShape, opts: LossOptions, grad_output: Any
+    ) -> tuple[Any, Any]:
+        return _cross_entropy(input, target, weight, shape, opts, want_grad=True, grad_output=grad_output)
+
+    @staticmethod
+    def nll_loss(input: Any, target: Any, weight: Any, shape: LossShape, opts: LossOptions) -> Any:
+        assert extension is not None
+        dtype = input.dtype
+        x, code = _kernel_view(input)
+        outer, classes, inner = _layout(input.shape, shape.class_axis)
+        t, kind = _target(target, shape, dtype)
+        loss_rows = np.empty(outer * inner, dtype=_compute_dtype(dtype)) if opts.reduction == "none" else None
+        total = extension.nll_loss(
+            x, code, outer, classes, inner, t, kind, _weight(weight, dtype), opts.ignore_index,
+            _REDUCTION_CODES[opts.reduction], _normalizer(opts), opts.zero_if_all_ignored, loss_rows,
+        )  # fmt: skip
+        if loss_rows is not None:
+            return loss_rows.reshape(shape.batch_shape).astype(dtype)
+        return np.asarray(total).astype(dtype)
+
+    @staticmethod
+    def _softmax(x: Any, axis: int, op: int) -> Any:
+        assert extension is not None
+        view, code = _kernel_view(x)
+        outer, classes, inner = _layout(x.shape, axis)
+        out_shape = x.shape[:axis] + x.shape[axis + 1 :] if op == _LOGSUMEXP else x.shape
+        out = np.empty(out_shape, dtype=x.dtype)
+        extension.softmax(view, _kernel_view(out)[0], code, outer, classes, inner, op)
+        return out
+
+    def log_softmax(self, x: Any, axis: int) -> Any:
+        return self._softmax(x, axis, _LOG_SOFTMAX)
+
+    def softmax(self, x: Any, axis: int) -> Any:
+        return self._softmax(x, axis, _SOFTMAX)
+
+    def logsumexp(self, x: Any, axis: int, keepdims: bool) -> Any:
+        out = self._softmax(x, axis, _LOGSUMEXP)
+        return np.expand_dims(out, axis) if keepdims else out
+
+
+KERNEL = NativeKernel()

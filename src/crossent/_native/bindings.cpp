@@ -1,0 +1,235 @@
+// The Python binding of the native kernel: checks sizes, releases the GIL, calls the best build of
+// kernel.cpp for this CPU. Shapes, dtypes and options are validated in Python (crossent._validate);
+// this layer only refuses what would make the kernel read or write out of bounds.
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
+#include "kernel_api.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace nb = nanobind;
+using Array = nb::ndarray<nb::device::cpu, nb::c_contig>;
+
+namespace {
+
+using crossent::Kernels;
+
+// Whether this CPU runs the build of kernel.cpp for `isa`, and that build exists in this binary.
+bool isa_supported(const std::string& isa) {
+    if (isa == "baseline") return true;
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_cpu_init();
+#if defined(CROSSENT_HAVE_AVX2)
+    if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+#if defined(CROSSENT_HAVE_AVX512)
+    if (isa == "avx512") {
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    }
+#endif
+#endif
+    return false;
+}
+
+Kernels kernels_for(const std::string& isa) {
+#if defined(CROSSENT_HAVE_AVX512)
+    if (isa == "avx512") return crossent::kernels_avx512();
+#endif
+#if defined(CROSSENT_HAVE_AVX2)
+    if (isa == "avx2") return crossent::kernels_avx2();
+#endif
+    return crossent::kernels_baseline();
+}
+
+const char* const kIsasBestFirst[] = {"avx512", "avx2", "baseline"};
+
+Kernels best_kernels() {
+    for (const char* isa : kIsasBestFirst) {
+        if (isa_supported(isa)) return kernels_for(isa);
+    }
+    return crossent::kernels_baseline();
+}
+
+Kernels g_kernels = best_kernels();
+
+int default_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();  // honours OMP_NUM_THREADS
+#else
+    return 1;
+#endif
+}
+
+int g_threads = default_threads();
+
+int64_t elements(const Array& a) { return a.is_valid() ? static_cast<int64_t>(a.size()) : 0; }
+
+const void* data_or_null(const Array& a) { return a.is_valid() ? a.data() : nullptr; }
+
+void require_size(const Array& a, int64_t expected, const char* what) {
+    if (a.is_valid() && elements(a) != expected) {
+        throw nb::value_error((std::string(what) + " has " + std::to_string(elements(a)) + " elements, expected " +
+                               std::to_string(expected))
+                                  .c_str());
+    }
+}
+
+crossent::LossCall loss_call(const Array& x, int dtype, int64_t outer, int64_t classes, int64_t inner,
+                             const Array& target, int target_kind, const Array& weight, int64_t ignore_index,
+                             double label_smoothing, double z_loss, double softcap, int reduction, double normalizer,
+                             bool zero_if_all_ignored, const Array& grad, const Array& grad_rows, double grad_scale,
+                             const Array& loss_rows) {
+    const int64_t rows = outer * inner;
+    require_size(x, rows * classes, "logits");
+    const bool probability = target_kind == static_cast<int>(crossent::TargetKind::probability);
+    require_size(target, probability ? rows * classes : rows, "target");
+    require_size(weight, classes, "weight");
+    require_size(grad, rows * classes, "grad");
+    require_size(grad_rows, rows, "grad_rows");
+    require_size(loss_rows, rows, "loss_rows");
+    if (!target.is_valid()) throw nb::value_error("target is required");
+    crossent::LossCall call;
+    call.x = x.data();
+    call.dtype = static_cast<crossent::DType>(dtype);
+    call.layout = {outer, classes, inner};
+    call.target = target.data();
+    call.target_kind = static_cast<crossent::TargetKind>(target_kind);
+    call.weight = data_or_null(weight);
+    call.ignore_index = ignore_index;
+    call.label_smoothing = label_smoothing;
+    call.z_loss = z_loss;
+    call.softcap = softcap;
+    call.reduction = static_cast<crossent::Reduction>(reduction);
+    call.normalizer = normalizer;
+    call.zero_if_all_ignored = zero_if_all_ignored;
+    call.grad = grad.is_valid() ? grad.data() : nullptr;
+    call.grad_rows = data_or_null(grad_rows);
+    call.grad_scale = grad_scale;
+    call.loss_rows = loss_rows.is_valid() ? loss_rows.data() : nullptr;
+    call.threads = g_threads;
+    return call;
+}
+
+}  // namespace
+
+NB_MODULE(_crossent_native, m) {
+    m.doc() = "crossent's fused cross-entropy kernel (C++17, OpenMP, SIMD).";
+
+    m.def(
+        "cross_entropy",
+        [](const Array& x, int dtype, int64_t outer, int64_t classes, int64_t inner, const Array& target,
+           int target_kind, const Array& weight, int64_t ignore_index, double label_smoothing, double z_loss,
+           double softcap, int reduction, double normalizer, bool zero_if_all_ignored, const Array& grad,
+           const Array& grad_rows, double grad_scale, const Array& loss_rows) {
+            const crossent::LossCall call =
+                loss_call(x, dtype, outer, classes, inner, target, target_kind, weight, ignore_index, label_smoothing,
+                          z_loss, softcap, reduction, normalizer, zero_if_all_ignored, grad, grad_rows, grad_scale,
+                          loss_rows);
+            nb::gil_scoped_release release;
+            return g_kernels.cross_entropy(call);
+        },
+        nb::arg("x"), nb::arg("dtype"), nb::arg("outer"), nb::arg("classes"), nb::arg("inner"), nb::arg("target"),
+        nb::arg("target_kind"), nb::arg("weight").none(), nb::arg("ignore_index"), nb::arg("label_smoothing"),
+        nb::arg("z_loss"), nb::arg("softcap"), nb::arg("reduction"), nb::arg("normalizer"),
+        nb::arg("zero_if_all_ignored"), nb::arg("grad").none(), nb::arg("grad_rows").none(), nb::arg("grad_scale"),
+        nb::arg("loss_rows").none(),
+        "Fused softmax cross-entropy over an (outer, classes, inner) view; returns the reduced loss.");
+
+    m.def(
+        "nll_loss",
+        [](const Array& x, int dtype, int64_t outer, int64_t classes, int64_t inner, const Array& target,
+           int target_kind, const Array& weight, int64_t ignore_index, int reduction, double normalizer,
+           bool zero_if_all_ignored, const Array& loss_rows) {
+            const crossent::LossCall call =
+                loss_call(x, dtype, outer, classes, inner, target, target_kind, weight, ignore_index, 0.0, 0.0, 0.0,
+                          reduction, normalizer, zero_if_all_ignored, Array(), Array(), 1.0, loss_rows);
+            nb::gil_scoped_release release;
+            return g_kernels.nll_loss(call);
+        },
+        nb::arg("x"), nb::arg("dtype"), nb::arg("outer"), nb::arg("classes"), nb::arg("inner"), nb::arg("target"),
+        nb::arg("target_kind"), nb::arg("weight").none(), nb::arg("ignore_index"), nb::arg("reduction"),
+        nb::arg("normalizer"), nb::arg("zero_if_all_ignored"), nb::arg("loss_rows").none());
+
+    m.def(
+        "softmax",
+        [](const Array& x, const Array& out, int dtype, int64_t outer, int64_t classes, int64_t inner, int op) {
+            require_size(x, outer * classes * inner, "x");
+            const bool lse = op == static_cast<int>(crossent::SoftmaxOp::logsumexp);
+            require_size(out, lse ? outer * inner : outer * classes * inner, "out");
+            crossent::SoftmaxCall call;
+            call.x = x.data();
+            call.out = out.data();
+            call.dtype = static_cast<crossent::DType>(dtype);
+            call.layout = {outer, classes, inner};
+            call.op = static_cast<crossent::SoftmaxOp>(op);
+            call.threads = g_threads;
+            nb::gil_scoped_release release;
+            g_kernels.softmax(call);
+        },
+        nb::arg("x"), nb::arg("out"), nb::arg("dtype"), nb::arg("outer"), nb::arg("classes"), nb::arg("inner"),
+        nb::arg("op"));
+
+    m.def(
+        "exp",
+        [](nb::ndarray<float, nb::device::cpu, nb::c_contig> in, nb::ndarray<float, nb::device::cpu, nb::c_contig> out) {
+            require_size(Array(out), elements(Array(in)), "out");
+            nb::gil_scoped_release release;
+            g_kernels.exp_f32(in.data(), out.data(), static_cast<int64_t>(in.size()), g_threads);
+        },
+        nb::arg("x"), nb::arg("out"), "The kernel's vectorised float32 exp, for accuracy tests.");
+    m.def(
+        "exp",
+        [](nb::ndarray<double, nb::device::cpu, nb::c_contig> in,
+           nb::ndarray<double, nb::device::cpu, nb::c_contig> out) {
+            require_size(Array(out), elements(Array(in)), "out");
+            nb::gil_scoped_release release;
+            g_kernels.exp_f64(in.data(), out.data(), static_cast<int64_t>(in.size()), g_threads);
+        },
+        nb::arg("x"), nb::arg("out"), "The kernel's vectorised float64 exp, for accuracy tests.");
+
+    m.def("set_num_threads", [](int n) {
+        if (n < 1) throw nb::value_error(("threads must be >= 1, got " + std::to_string(n)).c_str());
+        g_threads = n;
+    });
+    m.def("get_num_threads", []() { return g_threads; });
+    m.def("isa", []() { return std::string(g_kernels.isa); });
+    m.def("available_isas", []() {
+        nb::list names;
+        for (const char* isa : kIsasBestFirst) {
+            if (isa_supported(isa)) names.append(isa);
+        }
+        return names;
+    });
+    m.def(
+        "select_isa",
+        [](const std::string& name) {
+            if (name == "best") {
+                g_kernels = best_kernels();
+            } else if (isa_supported(name)) {
+                g_kernels = kernels_for(name);
+            } else {
+                throw nb::value_error(("instruction set '" + name + "' is not available on this CPU or build").c_str());
+            }
+        },
+        nb::arg("name"), "Use one build of the kernel (tests compare them); 'best' restores the default.");
+#if defined(__FLT16_MAX__)
+    m.attr("has_float16") = true;
+#else
+    m.attr("has_float16") = false;
+#endif
+#ifdef _OPENMP
+    m.attr("openmp") = true;
+#else
+    m.attr("openmp") = false;
+#endif
+}

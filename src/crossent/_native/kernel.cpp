@@ -1,0 +1,1021 @@
+// The fused cross-entropy kernel: softmax statistics, loss and gradient in one sweep over the logits.
+//
+// This file is compiled once per instruction set (CROSSENT_ISA = baseline, avx2, avx512); the loops
+// are plain C++ with `omp simd` hints that the compiler turns into SIMD code for that target.
+//
+// Per row of C logits (classes contiguous) the kernel
+//   1. reads the row once from memory for its maximum m,
+//   2. re-reads it from L2 (a 32k-class float row is 128 KiB) for s = sum_c exp(x_c - m), and the
+//      sums the options need (label smoothing, probability targets),
+//   3. for the gradient, reads it a third time from L2 and writes p_c * A - B_c, p_c = exp(x_c - m) / s,
+// so DRAM sees one read of the logits and one write of the gradient: the memory floor of the problem.
+// Only scalars are kept per row. The (N, C, H, W) layout runs the same steps on tiles of H*W positions,
+// vectorised across positions.
+//
+// Determinism: rows are grouped into fixed work items; each item sums its rows' losses in order, and
+// the items' partial sums are added in order at the end, so the result is bitwise the same for any
+// number of threads.
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "kernel_api.hpp"
+
+#ifndef CROSSENT_ISA
+#define CROSSENT_ISA baseline
+#endif
+#define CROSSENT_CAT_(a, b) a##b
+#define CROSSENT_CAT(a, b) CROSSENT_CAT_(a, b)
+
+namespace crossent {
+namespace CROSSENT_CAT(isa_, CROSSENT_ISA) {
+namespace {
+
+template <class To, class From>
+inline To bits_as(From from) {
+    static_assert(sizeof(To) == sizeof(From), "bit cast between types of different sizes");
+    To to;
+    std::memcpy(&to, &from, sizeof(To));
+    return to;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// exp and tanh, branch-free so that loops calling them vectorise.
+//
+// exp(x) = 2^k * exp(r) with k = round(x / ln 2) and r = x - k ln 2 in [-ln2/2, ln2/2]. Adding the
+// "shifter" 1.5 * 2^23 (2^52 for double) rounds x / ln 2 to an integer that lands in the low mantissa
+// bits, so k needs no float-to-int conversion (which AVX2 lacks for doubles); those same bits, moved
+// into the exponent field, give 2^k. ln 2 is split into a head with trailing zero bits (k * head is
+// exact) and a tail (Cody & Waite). exp(r) - 1 is a polynomial: Cephes' minimax fit for float
+// (about 1 ulp), the Taylor series to r^13 for double (remainder below 0.1 ulp on |r| <= 0.347).
+
+struct ExpParts {
+    // exp(x) = scale * (1 + em1_r); kept apart so that expm1 avoids cancelling near 0.
+    float scale;
+    float em1_r;
+};
+
+inline ExpParts exp_parts(float x) {
+    const float shifter = 0x1.8p23f;
+    const float kd = x * 1.44269504088896341f + shifter;
+    const float k = kd - shifter;
+    float r = x - k * 0.693359375f;  // ln 2 head: 9 significant bits, so k * head is exact
+    r = r - k * -2.12194440e-4f;     // ln 2 tail
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float em1_r = p * r * r + r;
+    const float scale = bits_as<float>((bits_as<uint32_t>(kd) + 127u) << 23);
+    return {scale, em1_r};
+}
+
+// Valid for the whole float range: 0 below -87.33 (flushing what would be subnormal), inf above
+// 88.37 (the largest x with 2^k finite for this k), NaN for NaN. Inside the kernel x <= 0 always.
+inline float vexp(float x) {
+    const ExpParts e = exp_parts(x);
+    float y = e.scale + e.scale * e.em1_r;
+    y = x < -87.33654f ? 0.0f : y;
+    y = x > 88.37f ? std::numeric_limits<float>::infinity() : y;
+    return y;
+}
+
+inline double vexp(double x) {
+    const double shifter = 0x1.8p52;
+    const double kd = x * 1.4426950408889634074 + shifter;
+    const double k = kd - shifter;
+    double r = x - k * 6.93147180369123816490e-01;  // fdlibm's ln 2 head (trailing zero bits)
+    r = r - k * 1.90821492927058770002e-10;         // and tail
+    // Taylor coefficients 1/13!, ..., 1/2!, in Horner form.
+    double p = 1.6059043836821614599e-10;
+    p = p * r + 2.0876756987868098979e-09;
+    p = p * r + 2.5052108385441718775e-08;
+    p = p * r + 2.7557319223985890653e-07;
+    p = p * r + 2.7557319223985890653e-06;
+    p = p * r + 2.4801587301587301587e-05;
+    p = p * r + 1.9841269841269841270e-04;
+    p = p * r + 1.3888888888888888889e-03;
+    p = p * r + 8.3333333333333333333e-03;
+    p = p * r + 4.1666666666666666667e-02;
+    p = p * r + 1.6666666666666666667e-01;
+    p = p * r + 0.5;
+    const double em1_r = p * r * r + r;
+    const double scale = bits_as<double>((bits_as<uint64_t>(kd) + 1023u) << 52);
+    double y = scale + scale * em1_r;
+    y = x < -708.39 ? 0.0 : y;
+    y = x > 709.43 ? std::numeric_limits<double>::infinity() : y;
+    return y;
+}
+
+// tanh(y) = -expm1(-2|y|) / (2 + expm1(-2|y|)) with the sign of y; expm1 = scale * em1_r + (scale - 1)
+// keeps full relative accuracy for small |y|, where (1 - e) / (1 + e) would cancel.
+inline float vtanh(float y) {
+    const float a = std::fabs(y);
+    const float z = -2.0f * a;
+    const ExpParts e = exp_parts(z);
+    float em1 = e.scale * e.em1_r + (e.scale - 1.0f);
+    em1 = z < -87.33654f ? -1.0f : em1;
+    const float t = -em1 / (2.0f + em1);
+    return std::copysign(t, y);
+}
+
+inline double vtanh(double y) {
+    // Double logits are rare enough under softcap that the library tanh (scalar) is fine here.
+    return std::tanh(y);
+}
+
+// log(x) for double, branch-free: x = 2^k * f with f in [sqrt(1/2), sqrt(2)), and
+// log(f) = 2 atanh(u), u = (f - 1) / (f + 1), as an odd series in u (the coefficients of fdlibm's
+// __ieee754_log, error below 1 ulp). Exact for 0 (-inf), inf and NaN; negative x gives NaN; subnormal
+// x is not needed here (the kernel takes logs of sums >= 1, or of 0 for an all -inf row).
+inline double vlog(double x) {
+    const uint64_t u = bits_as<uint64_t>(x);
+    const uint64_t exponent_bits = (u >> 52) & 0x7FFu;
+    double f = bits_as<double>((u & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull);  // [1, 2)
+    // The exponent as a double without an int64 -> double conversion (AVX2 has none): put the
+    // integer in the low mantissa bits of 2^52 and subtract 2^52.
+    double k = bits_as<double>(0x4330000000000000ull | exponent_bits) - 0x1p52 - 1023.0;
+    const bool high = f > 1.4142135623730951;
+    f = high ? 0.5 * f : f;
+    k = high ? k + 1.0 : k;
+    const double g = f - 1.0;
+    const double s = g / (2.0 + g);
+    const double z = s * s;
+    const double w = z * z;
+    const double t1 = w * (3.999999999940941908e-01 + w * (2.222219843214978396e-01 + w * 1.531383769920937332e-01));
+    const double t2 = z * (6.666666666666735130e-01 +
+                           w * (2.857142874366239149e-01 + w * (1.818357216161805012e-01 + w * 1.479819860511658591e-01)));
+    const double half_g2 = 0.5 * g * g;
+    double y = k * 6.93147180369123816490e-01 - ((half_g2 - (s * (half_g2 + t1 + t2) + k * 1.90821492927058770002e-10)) - g);
+    y = x == 0.0 ? -std::numeric_limits<double>::infinity() : y;
+    y = x == std::numeric_limits<double>::infinity() ? x : y;
+    y = (x < 0.0 || x != x) ? std::numeric_limits<double>::quiet_NaN() : y;
+    return y;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Element types: logits are stored as T and computed in Compute<T> (float, or double for double).
+
+struct Half {
+    uint16_t bits;
+};
+struct BFloat16 {
+    uint16_t bits;
+};
+
+template <class T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+    using C = float;
+    static C load(float v) { return v; }
+    static float store(C v) { return v; }
+};
+
+template <>
+struct Elem<double> {
+    using C = double;
+    static C load(double v) { return v; }
+    static double store(C v) { return v; }
+};
+
+#if defined(__FLT16_MAX__)
+#define CROSSENT_HAVE_FLOAT16 1
+template <>
+struct Elem<Half> {
+    using C = float;
+    static C load(Half v) { return static_cast<float>(bits_as<_Float16>(v.bits)); }
+    static Half store(C v) { return Half{bits_as<uint16_t>(static_cast<_Float16>(v))}; }
+};
+#endif
+
+template <>
+struct Elem<BFloat16> {
+    using C = float;
+    static C load(BFloat16 v) { return bits_as<float>(static_cast<uint32_t>(v.bits) << 16); }
+    static BFloat16 store(C v) {
+        // Round to nearest even on the 16 dropped bits; a NaN stays a (quiet) NaN.
+        const uint32_t u = bits_as<uint32_t>(v);
+        const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+        const uint32_t quiet_nan = (u >> 16) | 0x40u;
+        return BFloat16{static_cast<uint16_t>(v != v ? quiet_nan : rounded)};
+    }
+};
+
+template <class T>
+using Compute = typename Elem<T>::C;
+
+// Per-call constants in the compute type.
+template <class C>
+struct Consts {
+    C cap = 0, inv_cap = 0;
+};
+
+// x'_c: the logit after the optional soft cap s * tanh(x / s); `t` receives tanh(x / s) for the chain
+// rule (1 - t^2).
+template <class T, bool CAP>
+inline Compute<T> load_logit(const T* x, int64_t i, const Consts<Compute<T>>& k, Compute<T>& t) {
+    Compute<T> v = Elem<T>::load(x[i]);
+    if constexpr (CAP) {
+        t = vtanh(v * k.inv_cap);
+        v = k.cap * t;
+    }
+    return v;
+}
+
+// Work below this many logits per thread is not worth waking a thread for (about 10 us of work).
+constexpr int64_t kMinElementsPerThread = 1 << 15;
+// Blocked summation: float partial sums over this many terms, then added in double. Bounds the error
+// of a 256k-term row sum by that of a 512-term float sum plus double rounding.
+constexpr int64_t kSumBlock = 512;
+// Rows per work item (classes-contiguous layout): enough to amortise scheduling, small enough for
+// balance across threads.
+constexpr int64_t kRowsPerItem = 8;
+// Positions per tile (strided layout): 64 floats = 4 AVX-512 / 8 AVX2 vectors, and the per-tile
+// statistics (a dozen arrays of 64) stay in L1.
+constexpr int64_t kTile = 64;
+
+inline int thread_count(int requested, int64_t elements, int64_t items) {
+    const int64_t useful = std::max<int64_t>(1, elements / kMinElementsPerThread);
+    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({requested, useful, items})));
+}
+
+template <class TI>
+inline int64_t target_at(const void* target, int64_t row) {
+    return static_cast<int64_t>(static_cast<const TI*>(target)[row]);
+}
+
+inline int64_t class_index(const LossCall& call, int64_t row) {
+    switch (call.target_kind) {
+        case TargetKind::i32:
+            return target_at<int32_t>(call.target, row);
+        case TargetKind::u8:
+            return target_at<uint8_t>(call.target, row);
+        default:
+            return target_at<int64_t>(call.target, row);
+    }
+}
+
+// What `mean` divides by: the normalizer, the row count (probabilities), or the summed target weights.
+template <class C>
+double mean_denominator(const LossCall& call) {
+    const Layout& L = call.layout;
+    const int64_t rows = L.outer * L.inner;
+    if (call.normalizer > 0) return call.normalizer;
+    if (call.target_kind == TargetKind::probability) return static_cast<double>(rows);
+    const C* w = static_cast<const C*>(call.weight);
+    double total = 0.0;
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t y = class_index(call, r);
+        if (y == call.ignore_index || y < 0 || y >= L.classes) continue;
+        total += w ? static_cast<double>(w[y]) : 1.0;
+    }
+    return total;
+}
+
+// Scalars of one row after the statistics pass, in double.
+struct RowTerms {
+    double loss = 0;
+    double A = 0;       // grad_c = p_c * A - B * w_c (...) ; see row_gradient
+    double B = 0;       // coefficient of w_c (label smoothing) or of w_c t'_c (probabilities)
+    double fix = 0;     // subtracted at the target class: g (1 - eps) w_y
+    int64_t y = -1;     // target class, or -1
+    bool valid = true;  // false for an ignored row: loss 0, gradient 0
+};
+
+// The row's loss and gradient coefficients from its statistics. Shared by both layouts.
+//   s_sum: sum_c exp(x'_c - m); xy: x'_y - m; wx: sum_c w_c (x'_c - m);
+//   wtx: sum_c w_c t_c (x'_c - m); wt: sum_c w_c t_c.
+struct RowSums {
+    double m = 0, s_sum = 0, xy = 0, wx = 0, wtx = 0, wt = 0;
+};
+
+// The row's loss and gradient coefficients from its statistics, for both layouts. Plain scalars in and
+// out so that the strided layout can call it inside a SIMD loop over positions.
+//   m: the shift; s: sum_c exp(x'_c - m); xy: x'_y - m; wx: sum_c w_c (x'_c - m);
+//   wtx: sum_c w_c t_c (x'_c - m); wt: sum_c w_c t_c; wy: w_y; g: upstream gradient of this row.
+// Gradient: grad_c = p_c * A - B * w_c (class indices; minus `fix` at the target class), or
+// p_c * A - B * w_c * t'_c (probabilities).
+struct TermConsts {
+    double eps, uniform, z_loss, w_total;  // uniform = eps / C; w_total = sum_c w_c
+};
+
+inline TermConsts term_consts(const LossCall& call, double w_total) {
+    return {call.label_smoothing, call.label_smoothing / static_cast<double>(call.layout.classes), call.z_loss,
+            w_total};
+}
+
+template <bool PROBABILITY>
+inline void loss_terms(const TermConsts k, double m, double s, double xy, double wx, double wtx, double wt, double wy,
+                       double g, double& loss, double& A, double& B, double& fix) {
+    const double log_s = vlog(s);
+    const double lse = m + log_s;
+    if constexpr (PROBABILITY) {
+        // t' = (1 - eps) t + eps / C; loss = -sum w t' (x' - m) + log_s * sum w t'.
+        const double wt_s = (1 - k.eps) * wt + k.uniform * k.w_total;
+        const double wtx_s = (1 - k.eps) * wtx + k.uniform * wx;
+        loss = log_s * wt_s - wtx_s;
+        A = g * wt_s;
+        B = g;
+        fix = 0.0;
+    } else {
+        // -log p_y = log_s - (x'_y - m); the smoothing term sum_c w_c (-log p_c) = log_s W - wx.
+        loss = (1 - k.eps) * wy * (log_s - xy) + k.uniform * (log_s * k.w_total - wx);
+        A = g * ((1 - k.eps) * wy + k.uniform * k.w_total);
+        B = g * k.uniform;
+        fix = g * (1 - k.eps) * wy;
+    }
+    loss += k.z_loss * lse * lse;
+    A += g * 2 * k.z_loss * lse;
+}
+
+// loss_terms for a tile of positions, vectorised across them (in a function of its own, over restrict
+// pointers, so that the compiler sees no aliasing between the tile's arrays). Ignored positions
+// (keep == 0) get exactly 0 through selects, since they may hold NaN (all -inf logits); 1 / s is
+// folded into A for the gradient loop.
+template <bool PROBABILITY>
+void finalize_positions(const TermConsts k, int64_t len, const double* __restrict m, const double* __restrict s,
+                        const double* __restrict xy, const double* __restrict wx, const double* __restrict wtx,
+                        const double* __restrict wt, const double* __restrict wy, const double* __restrict g,
+                        const double* __restrict keep, double* __restrict loss, double* __restrict A,
+                        double* __restrict B, double* __restrict fix) {
+#pragma omp simd
+    for (int64_t l = 0; l < len; ++l) {
+        double loss_l, A_l, B_l, fix_l;
+        loss_terms<PROBABILITY>(k, m[l], s[l], xy[l], wx[l], wtx[l], wt[l], wy[l], g[l], loss_l, A_l, B_l, fix_l);
+        const bool valid = keep[l] != 0.0;
+        loss[l] = valid ? loss_l : 0.0;
+        A[l] = valid ? A_l / s[l] : 0.0;
+        B[l] = valid ? B_l : 0.0;
+        fix[l] = fix_l;
+    }
+}
+
+inline RowTerms row_terms(const LossCall& call, const RowSums& S, double wy, double w_total, double g,
+                          bool probability) {
+    RowTerms out;
+    const TermConsts k = term_consts(call, w_total);
+    if (probability) {
+        loss_terms<true>(k, S.m, S.s_sum, S.xy, S.wx, S.wtx, S.wt, wy, g, out.loss, out.A, out.B, out.fix);
+    } else {
+        loss_terms<false>(k, S.m, S.s_sum, S.xy, S.wx, S.wtx, S.wt, wy, g, out.loss, out.A, out.B, out.fix);
+    }
+    return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Classes contiguous: one row of C logits at x.
+
+template <class T, bool CAP>
+Compute<T> row_max(const T* x, int64_t n, const Consts<Compute<T>>& k) {
+    using C = Compute<T>;
+    C m = -std::numeric_limits<C>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t c = 0; c < n; ++c) m = std::max(m, Elem<T>::load(x[c]));
+    if constexpr (CAP) m = k.cap * vtanh(m * k.inv_cap);  // tanh is increasing: cap the maximum
+    // A row of -inf has no finite maximum: shift by 0, so that the row's sum is 0 and its loss NaN
+    // (as in torch), while an ignored such row stays exactly 0.
+    return m == -std::numeric_limits<C>::infinity() ? C(0) : m;
+}
+
+// sum_c f(c) in blocks: float (or double) partial sums of kSumBlock terms, added in double.
+template <class C, class F>
+inline double blocked_sum(int64_t n, F f) {
+    double total = 0.0;
+    for (int64_t b = 0; b < n; b += kSumBlock) {
+        const int64_t e = std::min(n, b + kSumBlock);
+        C part = 0;
+#pragma omp simd reduction(+ : part)
+        for (int64_t c = b; c < e; ++c) part += f(c);
+        total += static_cast<double>(part);
+    }
+    return total;
+}
+
+// The row's chunks: at most kMaxChunks of at least kChunk classes. Each chunk is read from memory for
+// its maximum and then, from L1, for its exponentials, so that the row is streamed from DRAM once
+// while the exponentials of the previous chunk are computed (an "online" softmax at chunk grain).
+constexpr int64_t kChunk = 1024;
+constexpr int64_t kMaxChunks = 256;
+
+inline int64_t chunk_size(int64_t n) { return std::max(kChunk, (n + kMaxChunks - 1) / kMaxChunks); }
+
+// The online pass: the row maximum m and s = sum_c exp(x'_c - m) in one read of the row. Each chunk
+// is shifted by the running maximum when it is reached (recorded in chunk_shift), and the running sum
+// is rescaled by exp(old - new) whenever the maximum grows. With `e_out`, exp(x'_c - shift) is also
+// stored there (the gradient buffer), so the backward pass needs no second exponential.
+template <class T, bool CAP>
+void online_row(const T* x, int64_t n, const Consts<Compute<T>>& k, Compute<T>* e_out, Compute<T>* chunk_shift,
+                RowSums& S) {
+    using C = Compute<T>;
+    const C neg_inf = -std::numeric_limits<C>::infinity();
+    const int64_t step = chunk_size(n);
+    C m_true = neg_inf;  // the running maximum (may stay -inf)
+    C shift = 0;         // what exponents are taken against: m_true, or 0 while m_true is -inf
+    double s = 0.0;
+    for (int64_t b = 0, chunk = 0; b < n; b += step, ++chunk) {
+        const int64_t e = std::min(n, b + step);
+        C cm = neg_inf;
+#pragma omp simd reduction(max : cm)
+        for (int64_t c = b; c < e; ++c) cm = std::max(cm, Elem<T>::load(x[c]));
+        if constexpr (CAP) cm = k.cap * vtanh(cm * k.inv_cap);
+        if (cm > m_true) {
+            m_true = std::max(m_true, cm);
+            const C new_shift = m_true == neg_inf ? C(0) : m_true;
+            // s is 0 until a finite maximum appears (the stand-in shift 0 must not be rescaled then:
+            // exp(0 - (-710)) overflows double and 0 * inf is NaN).
+            if (s != 0.0) s *= std::exp(static_cast<double>(shift) - static_cast<double>(new_shift));
+            shift = new_shift;
+        }
+        chunk_shift[chunk] = shift;
+        C part = 0;
+        if (e_out) {
+#pragma omp simd reduction(+ : part)
+            for (int64_t c = b; c < e; ++c) {
+                C t;
+                const C ec = vexp(load_logit<T, CAP>(x, c, k, t) - shift);
+                e_out[c] = ec;
+                part += ec;
+            }
+        } else {
+#pragma omp simd reduction(+ : part)
+            for (int64_t c = b; c < e; ++c) {
+                C t;
+                part += vexp(load_logit<T, CAP>(x, c, k, t) - shift);
+            }
+        }
+        s += static_cast<double>(part);
+    }
+    S.m = shift;
+    S.s_sum = s;
+}
+
+// The sums that label smoothing and probability targets add, against the final maximum; the row is
+// in L2 by now.
+template <class T, bool CAP>
+void option_sums(const T* x, const T* t_row, const Compute<T>* w, int64_t n, const Consts<Compute<T>>& k,
+                 bool need_wx, RowSums& S) {
+    using C = Compute<T>;
+    const C m = static_cast<C>(S.m);
+    if (need_wx) {
+        S.wx = blocked_sum<C>(n, [&](int64_t c) {
+            C t;
+            const C d = load_logit<T, CAP>(x, c, k, t) - m;
+            return w ? w[c] * d : d;
+        });
+    }
+    if (t_row) {
+        S.wtx = blocked_sum<C>(n, [&](int64_t c) {
+            C t;
+            const C wt = (w ? w[c] : C(1)) * Elem<T>::load(t_row[c]);
+            return wt * (load_logit<T, CAP>(x, c, k, t) - m);
+        });
+        S.wt = blocked_sum<C>(n, [&](int64_t c) { return (w ? w[c] : C(1)) * Elem<T>::load(t_row[c]); });
+    }
+}
+
+// grad_c = p_c * A - B * w_c [* t'_c], times (1 - tanh^2) under the soft cap, with p_c = exp(x'_c - m) / s.
+// For float and double the exponentials are already in `grad` (stored by online_row against each
+// chunk's shift); half types recompute them, since storing them in half precision would cost accuracy.
+template <class T, bool CAP>
+void row_gradient(const LossCall& call, const T* x, const T* t_row, const Compute<T>* w, const Consts<Compute<T>>& k,
+                  const RowSums& S, const RowTerms& R, const Compute<T>* chunk_shift, T* grad) {
+    using C = Compute<T>;
+    constexpr bool stored = std::is_same<T, C>::value;
+    const int64_t n = call.layout.classes;
+    if (!R.valid) {
+        const T zero = Elem<T>::store(C(0));
+        for (int64_t c = 0; c < n; ++c) grad[c] = zero;
+        return;
+    }
+    const C m = static_cast<C>(S.m);
+    const C B = static_cast<C>(R.B);
+    const C eps = static_cast<C>(call.label_smoothing);
+    const C uniform = static_cast<C>(call.label_smoothing / static_cast<double>(n));
+    const double A_over_s = R.A / S.s_sum;
+    const int64_t step = chunk_size(n);
+    for (int64_t b = 0, chunk = 0; b < n; b += step, ++chunk) {
+        const int64_t e = std::min(n, b + step);
+        // p_c * A = exp(x'_c - shift_k) * exp(shift_k - m) * A / s
+        const C factor = stored ? static_cast<C>(std::exp(static_cast<double>(chunk_shift[chunk]) - S.m) * A_over_s)
+                                : static_cast<C>(A_over_s);
+        if (t_row) {
+#pragma omp simd
+            for (int64_t c = b; c < e; ++c) {
+                C t = 0;
+                C ec;
+                if constexpr (stored) {
+                    ec = Elem<T>::load(grad[c]);
+                    if constexpr (CAP) t = vtanh(Elem<T>::load(x[c]) * k.inv_cap);
+                } else {
+                    ec = vexp(load_logit<T, CAP>(x, c, k, t) - m);
+                }
+                const C target = (C(1) - eps) * Elem<T>::load(t_row[c]) + uniform;
+                C gc = ec * factor - B * (w ? w[c] : C(1)) * target;
+                if constexpr (CAP) gc *= (C(1) - t) * (C(1) + t);
+                grad[c] = Elem<T>::store(gc);
+            }
+        } else {
+#pragma omp simd
+            for (int64_t c = b; c < e; ++c) {
+                C t = 0;
+                C ec;
+                if constexpr (stored) {
+                    ec = Elem<T>::load(grad[c]);
+                    if constexpr (CAP) t = vtanh(Elem<T>::load(x[c]) * k.inv_cap);
+                } else {
+                    ec = vexp(load_logit<T, CAP>(x, c, k, t) - m);
+                }
+                C gc = ec * factor - B * (w ? w[c] : C(1));
+                if constexpr (CAP) gc *= (C(1) - t) * (C(1) + t);
+                grad[c] = Elem<T>::store(gc);
+            }
+        }
+    }
+    if (t_row) return;
+    // The 1 of the one-hot, subtracted at the target class only, from a freshly computed p_y.
+    C t;
+    const C xy = load_logit<T, CAP>(x, R.y, k, t);
+    C gy = static_cast<C>(static_cast<double>(vexp(xy - m)) * A_over_s) - B * (w ? w[R.y] : C(1)) -
+           static_cast<C>(R.fix);
+    if constexpr (CAP) gy *= (C(1) - t) * (C(1) + t);
+    grad[R.y] = Elem<T>::store(gy);
+}
+
+template <class T, bool CAP>
+double cross_entropy_rows(const LossCall& call) {
+    using C = Compute<T>;
+    constexpr bool stored = std::is_same<T, C>::value;
+    const Layout& L = call.layout;
+    const int64_t rows = L.outer;
+    const int64_t n = L.classes;
+    const T* x = static_cast<const T*>(call.x);
+    const C* w = static_cast<const C*>(call.weight);
+    const bool probability = call.target_kind == TargetKind::probability;
+    const T* targets = probability ? static_cast<const T*>(call.target) : nullptr;
+    T* grad = static_cast<T*>(call.grad);
+    C* loss_rows = static_cast<C*>(call.loss_rows);
+    const C* grad_rows = static_cast<const C*>(call.grad_rows);
+    Consts<C> k;
+    if (CAP) {
+        k.cap = static_cast<C>(call.softcap);
+        k.inv_cap = static_cast<C>(1.0 / call.softcap);
+    }
+    double w_total = static_cast<double>(n);
+    if (w) w_total = blocked_sum<C>(n, [&](int64_t c) { return w[c]; });
+    const bool need_wx = call.label_smoothing > 0;
+
+    const double denom = call.reduction == Reduction::mean ? mean_denominator<C>(call) : 1.0;
+    double g_scalar = call.grad_scale;
+    if (call.reduction == Reduction::mean) {
+        g_scalar = (call.zero_if_all_ignored && denom == 0) ? 0.0 : call.grad_scale / denom;
+    }
+
+    const int64_t items = (rows + kRowsPerItem - 1) / kRowsPerItem;
+    std::vector<double> partial(static_cast<size_t>(items), 0.0);
+    const int threads = thread_count(call.threads, rows * n, items);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t item = 0; item < items; ++item) {
+        C chunk_shift[kMaxChunks];
+        double sum = 0.0;
+        const int64_t r_end = std::min(rows, (item + 1) * kRowsPerItem);
+        for (int64_t r = item * kRowsPerItem; r < r_end; ++r) {
+            const T* xr = x + r * n;
+            const T* tr = targets ? targets + r * n : nullptr;
+            T* gr = grad ? grad + r * n : nullptr;
+            RowTerms R;
+            double wy = 0.0;
+            if (!probability) {
+                R.y = class_index(call, r);
+                R.valid = R.y != call.ignore_index && R.y >= 0 && R.y < n;
+                if (R.valid) wy = w ? static_cast<double>(w[R.y]) : 1.0;
+            }
+            RowSums S;
+            if (R.valid) {
+                C* e_out = nullptr;
+                if constexpr (stored) e_out = gr;
+                online_row<T, CAP>(xr, n, k, e_out, chunk_shift, S);
+                option_sums<T, CAP>(xr, tr, w, n, k, need_wx, S);
+                if (!probability) {
+                    C t;
+                    S.xy = static_cast<double>(load_logit<T, CAP>(xr, R.y, k, t) - static_cast<C>(S.m));
+                }
+                const double g = grad_rows ? static_cast<double>(grad_rows[r]) : g_scalar;
+                const int64_t y = R.y;
+                R = row_terms(call, S, wy, w_total, g, probability);
+                R.y = y;
+            }
+            if (loss_rows) loss_rows[r] = static_cast<C>(R.loss);
+            sum += R.loss;
+            if (gr) row_gradient<T, CAP>(call, xr, tr, w, k, S, R, chunk_shift, gr);
+        }
+        partial[static_cast<size_t>(item)] = sum;
+    }
+    double total = 0.0;
+    for (double p : partial) total += p;
+    if (call.reduction == Reduction::mean) {
+        if (call.zero_if_all_ignored && denom == 0) return 0.0;
+        return total / denom;
+    }
+    return total;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Strided: classes at stride `inner`, vectorised across a tile of up to kTile positions.
+
+template <class T, bool CAP>
+double cross_entropy_tiles(const LossCall& call) {
+    using C = Compute<T>;
+    const Layout& L = call.layout;
+    const int64_t n = L.classes;
+    const int64_t inner = L.inner;
+    const T* x = static_cast<const T*>(call.x);
+    const C* w = static_cast<const C*>(call.weight);
+    const bool probability = call.target_kind == TargetKind::probability;
+    const T* targets = probability ? static_cast<const T*>(call.target) : nullptr;
+    T* grad = static_cast<T*>(call.grad);
+    C* loss_rows = static_cast<C*>(call.loss_rows);
+    const C* grad_rows = static_cast<const C*>(call.grad_rows);
+    Consts<C> k;
+    if (CAP) {
+        k.cap = static_cast<C>(call.softcap);
+        k.inv_cap = static_cast<C>(1.0 / call.softcap);
+    }
+    double w_total = static_cast<double>(n);
+    if (w) w_total = blocked_sum<C>(n, [&](int64_t c) { return w[c]; });
+    const bool need_wx = call.label_smoothing > 0;
+    const C eps = static_cast<C>(call.label_smoothing);
+    const C uniform = static_cast<C>(call.label_smoothing / static_cast<double>(n));
+    const TermConsts terms_k = term_consts(call, w_total);
+
+    const double denom = call.reduction == Reduction::mean ? mean_denominator<C>(call) : 1.0;
+    double g_scalar = call.grad_scale;
+    if (call.reduction == Reduction::mean) {
+        g_scalar = (call.zero_if_all_ignored && denom == 0) ? 0.0 : call.grad_scale / denom;
+    }
+
+    const int64_t tiles_per_outer = (inner + kTile - 1) / kTile;
+    const int64_t items = L.outer * tiles_per_outer;
+    std::vector<double> partial(static_cast<size_t>(items), 0.0);
+    const int threads = thread_count(call.threads, L.outer * n * inner, items);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t item = 0; item < items; ++item) {
+        const int64_t o = item / tiles_per_outer;
+        const int64_t i0 = (item % tiles_per_outer) * kTile;
+        const int64_t len = std::min(kTile, inner - i0);
+        const T* xo = x + o * n * inner + i0;  // x[o, c, i0 + l] = xo[c * inner + l]
+        const T* to = targets ? targets + o * n * inner + i0 : nullptr;
+        C m[kTile], part[kTile], A[kTile], B[kTile];
+        double s_sum[kTile], wx[kTile], wtx[kTile], wt[kTile];
+        for (int64_t l = 0; l < len; ++l) {
+            m[l] = -std::numeric_limits<C>::infinity();
+            s_sum[l] = wx[l] = wtx[l] = wt[l] = 0.0;
+        }
+        for (int64_t c = 0; c < n; ++c) {
+            const T* xc = xo + c * inner;
+#pragma omp simd
+            for (int64_t l = 0; l < len; ++l) m[l] = std::max(m[l], Elem<T>::load(xc[l]));
+        }
+        for (int64_t l = 0; l < len; ++l) {
+            if (CAP) m[l] = k.cap * vtanh(m[l] * k.inv_cap);
+            if (m[l] == -std::numeric_limits<C>::infinity()) m[l] = 0;
+        }
+        // One blocked sum per statistic, as in the contiguous layout, vectorised across positions.
+        auto tile_sum = [&](double* out, auto term) {
+            for (int64_t b = 0; b < n; b += kSumBlock) {
+                const int64_t e = std::min(n, b + kSumBlock);
+                for (int64_t l = 0; l < len; ++l) part[l] = 0;
+                for (int64_t c = b; c < e; ++c) {
+#pragma omp simd
+                    for (int64_t l = 0; l < len; ++l) part[l] += term(c, l);
+                }
+                for (int64_t l = 0; l < len; ++l) out[l] += static_cast<double>(part[l]);
+            }
+        };
+        tile_sum(s_sum, [&](int64_t c, int64_t l) {
+            C t;
+            return vexp(load_logit<T, CAP>(xo, c * inner + l, k, t) - m[l]);
+        });
+        if (need_wx) {
+            tile_sum(wx, [&](int64_t c, int64_t l) {
+                C t;
+                const C d = load_logit<T, CAP>(xo, c * inner + l, k, t) - m[l];
+                return w ? w[c] * d : d;
+            });
+        }
+        if (to) {
+            tile_sum(wtx, [&](int64_t c, int64_t l) {
+                C t;
+                const C wtc = (w ? w[c] : C(1)) * Elem<T>::load(to[c * inner + l]);
+                return wtc * (load_logit<T, CAP>(xo, c * inner + l, k, t) - m[l]);
+            });
+            tile_sum(wt, [&](int64_t c, int64_t l) { return (w ? w[c] : C(1)) * Elem<T>::load(to[c * inner + l]); });
+        }
+        // Per position: gather the target's class, weight and logit (scalar loads), then the loss and
+        // gradient coefficients in one SIMD loop (the log and divisions dominate at C ~ 20).
+        int64_t y[kTile];
+        double wy[kTile], xy[kTile], g[kTile], loss[kTile], Ad[kTile], Bd[kTile], fix[kTile];
+        C keep_c[kTile];
+        for (int64_t l = 0; l < len; ++l) {
+            const int64_t row = o * inner + i0 + l;
+            y[l] = -1;
+            wy[l] = xy[l] = 0.0;
+            bool valid = true;
+            if (!probability) {
+                const int64_t yl = class_index(call, row);
+                valid = yl != call.ignore_index && yl >= 0 && yl < n;
+                if (valid) {
+                    y[l] = yl;
+                    wy[l] = w ? static_cast<double>(w[yl]) : 1.0;
+                    C t;
+                    xy[l] = static_cast<double>(load_logit<T, CAP>(xo, yl * inner + l, k, t) - m[l]);
+                }
+            }
+            keep_c[l] = valid ? C(1) : C(0);
+            g[l] = grad_rows ? static_cast<double>(grad_rows[row]) : g_scalar;
+        }
+        double md[kTile], keep_d[kTile];
+        for (int64_t l = 0; l < len; ++l) {
+            md[l] = static_cast<double>(m[l]);
+            keep_d[l] = static_cast<double>(keep_c[l]);
+        }
+        if (probability) {
+            finalize_positions<true>(terms_k, len, md, s_sum, xy, wx, wtx, wt, wy, g, keep_d, loss, Ad, Bd, fix);
+        } else {
+            finalize_positions<false>(terms_k, len, md, s_sum, xy, wx, wtx, wt, wy, g, keep_d, loss, Ad, Bd, fix);
+        }
+        for (int64_t l = 0; l < len; ++l) {
+            A[l] = static_cast<C>(Ad[l]);
+            B[l] = static_cast<C>(Bd[l]);
+        }
+        double sum = 0.0;
+        for (int64_t l = 0; l < len; ++l) {
+            if (loss_rows) loss_rows[o * inner + i0 + l] = static_cast<C>(loss[l]);
+            sum += loss[l];
+        }
+        partial[static_cast<size_t>(item)] = sum;
+        if (!grad) continue;
+        T* go = grad + o * n * inner + i0;
+        for (int64_t c = 0; c < n; ++c) {
+            const C wc = w ? w[c] : C(1);
+            const T* xc = xo + c * inner;
+            T* gc_out = go + c * inner;
+            if (to) {
+                const T* tc = to + c * inner;
+#pragma omp simd
+                for (int64_t l = 0; l < len; ++l) {
+                    C t = 0;
+                    const C xv = load_logit<T, CAP>(xc, l, k, t);
+                    const C target = (C(1) - eps) * Elem<T>::load(tc[l]) + uniform;
+                    C gc = vexp(xv - m[l]) * A[l] - B[l] * wc * target;
+                    if constexpr (CAP) gc *= (C(1) - t) * (C(1) + t);
+                    gc_out[l] = Elem<T>::store(gc);  // probability targets have no ignored position
+                }
+            } else {
+#pragma omp simd
+                for (int64_t l = 0; l < len; ++l) {
+                    C t = 0;
+                    const C xv = load_logit<T, CAP>(xc, l, k, t);
+                    C gc = vexp(xv - m[l]) * A[l] - B[l] * wc;
+                    if constexpr (CAP) gc *= (C(1) - t) * (C(1) + t);
+                    // A select, not a multiply: an ignored position may hold NaN (all -inf logits).
+                    gc_out[l] = Elem<T>::store(keep_c[l] != C(0) ? gc : C(0));
+                }
+            }
+        }
+        if (to) continue;
+        for (int64_t l = 0; l < len; ++l) {
+            if (y[l] < 0) continue;  // ignored
+            C t;
+            const int64_t at = y[l] * inner + l;
+            const C x_at = load_logit<T, CAP>(xo, at, k, t);
+            C gy = vexp(x_at - m[l]) * A[l] - B[l] * (w ? w[y[l]] : C(1)) - static_cast<C>(fix[l]);
+            if constexpr (CAP) gy *= (C(1) - t) * (C(1) + t);
+            go[at] = Elem<T>::store(gy);
+        }
+    }
+    double total = 0.0;
+    for (double p : partial) total += p;
+    if (call.reduction == Reduction::mean) {
+        if (call.zero_if_all_ignored && denom == 0) return 0.0;
+        return total / denom;
+    }
+    return total;
+}
+
+template <class T>
+double cross_entropy_typed(const LossCall& call) {
+    const bool cap = call.softcap > 0;
+    if (call.layout.inner == 1) return cap ? cross_entropy_rows<T, true>(call) : cross_entropy_rows<T, false>(call);
+    return cap ? cross_entropy_tiles<T, true>(call) : cross_entropy_tiles<T, false>(call);
+}
+
+double cross_entropy(const LossCall& call) {
+    switch (call.dtype) {
+        case DType::f32:
+            return cross_entropy_typed<float>(call);
+        case DType::f64:
+            return cross_entropy_typed<double>(call);
+        case DType::bf16:
+            return cross_entropy_typed<BFloat16>(call);
+        case DType::f16:
+#if defined(CROSSENT_HAVE_FLOAT16)
+            return cross_entropy_typed<Half>(call);
+#endif
+        default:
+            return std::numeric_limits<double>::quiet_NaN();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// NLL: -w_y x_y per row, no softmax. Rows in fixed items for a thread-independent sum.
+
+template <class T>
+double nll_typed(const LossCall& call) {
+    using C = Compute<T>;
+    const Layout& L = call.layout;
+    const int64_t rows = L.outer * L.inner;
+    const T* x = static_cast<const T*>(call.x);
+    const C* w = static_cast<const C*>(call.weight);
+    C* loss_rows = static_cast<C*>(call.loss_rows);
+    const double denom = call.reduction == Reduction::mean ? mean_denominator<C>(call) : 1.0;
+    const int64_t per_item = 1024;
+    const int64_t items = (rows + per_item - 1) / per_item;
+    std::vector<double> partial(static_cast<size_t>(items), 0.0);
+    const int threads = thread_count(call.threads, rows * 16, items);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t item = 0; item < items; ++item) {
+        double sum = 0.0;
+        const int64_t r_end = std::min(rows, (item + 1) * per_item);
+        for (int64_t r = item * per_item; r < r_end; ++r) {
+            const int64_t y = class_index(call, r);
+            double loss = 0.0;
+            if (y != call.ignore_index && y >= 0 && y < L.classes) {
+                const int64_t o = r / L.inner, i = r % L.inner;
+                const double xy = static_cast<double>(Elem<T>::load(x[(o * L.classes + y) * L.inner + i]));
+                loss = -(w ? static_cast<double>(w[y]) : 1.0) * xy;
+            }
+            if (loss_rows) loss_rows[r] = static_cast<C>(loss);
+            sum += loss;
+        }
+        partial[static_cast<size_t>(item)] = sum;
+    }
+    double total = 0.0;
+    for (double p : partial) total += p;
+    if (call.reduction == Reduction::mean) {
+        if (call.zero_if_all_ignored && denom == 0) return 0.0;
+        return total / denom;
+    }
+    return total;
+}
+
+double nll_loss(const LossCall& call) {
+    switch (call.dtype) {
+        case DType::f32:
+            return nll_typed<float>(call);
+        case DType::f64:
+            return nll_typed<double>(call);
+        case DType::bf16:
+            return nll_typed<BFloat16>(call);
+        case DType::f16:
+#if defined(CROSSENT_HAVE_FLOAT16)
+            return nll_typed<Half>(call);
+#endif
+        default:
+            return std::numeric_limits<double>::quiet_NaN();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// softmax, log_softmax, logsumexp over the class axis.
+
+template <class T>
+void softmax_typed(const SoftmaxCall& call) {
+    using C = Compute<T>;
+    const Layout& L = call.layout;
+    const int64_t n = L.classes, inner = L.inner;
+    const T* x = static_cast<const T*>(call.x);
+    T* out = static_cast<T*>(call.out);
+    const Consts<C> k;
+    const int64_t tiles_per_outer = (inner + kTile - 1) / kTile;
+    const int64_t items = L.outer * tiles_per_outer;
+    const int threads = thread_count(call.threads, L.outer * n * inner, items);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t item = 0; item < items; ++item) {
+        const int64_t o = item / tiles_per_outer;
+        const int64_t i0 = (item % tiles_per_outer) * kTile;
+        const int64_t len = std::min(kTile, inner - i0);
+        const T* xo = x + o * n * inner + i0;
+        if (inner == 1) {
+            // Classes contiguous: one row.
+            const C m = row_max<T, false>(xo, n, k);
+            const double s = blocked_sum<C>(n, [&](int64_t c) { return vexp(Elem<T>::load(xo[c]) - m); });
+            if (call.op == SoftmaxOp::logsumexp) {
+                out[o] = Elem<T>::store(static_cast<C>(static_cast<double>(m) + std::log(s)));
+                continue;
+            }
+            T* oo = out + o * n;
+            if (call.op == SoftmaxOp::log_softmax) {
+                const C log_s = static_cast<C>(std::log(s));
+#pragma omp simd
+                for (int64_t c = 0; c < n; ++c) oo[c] = Elem<T>::store((Elem<T>::load(xo[c]) - m) - log_s);
+            } else {
+                const C inv_s = static_cast<C>(1.0 / s);
+#pragma omp simd
+                for (int64_t c = 0; c < n; ++c) oo[c] = Elem<T>::store(vexp(Elem<T>::load(xo[c]) - m) * inv_s);
+            }
+            continue;
+        }
+        C m[kTile], part[kTile], scale[kTile];
+        double s[kTile];
+        for (int64_t l = 0; l < len; ++l) {
+            m[l] = -std::numeric_limits<C>::infinity();
+            s[l] = 0.0;
+        }
+        for (int64_t c = 0; c < n; ++c) {
+#pragma omp simd
+            for (int64_t l = 0; l < len; ++l) m[l] = std::max(m[l], Elem<T>::load(xo[c * inner + l]));
+        }
+        for (int64_t l = 0; l < len; ++l) {
+            if (m[l] == -std::numeric_limits<C>::infinity()) m[l] = 0;
+        }
+        for (int64_t b = 0; b < n; b += kSumBlock) {
+            const int64_t e = std::min(n, b + kSumBlock);
+            for (int64_t l = 0; l < len; ++l) part[l] = 0;
+            for (int64_t c = b; c < e; ++c) {
+#pragma omp simd
+                for (int64_t l = 0; l < len; ++l) part[l] += vexp(Elem<T>::load(xo[c * inner + l]) - m[l]);
+            }
+            for (int64_t l = 0; l < len; ++l) s[l] += static_cast<double>(part[l]);
+        }
+        if (call.op == SoftmaxOp::logsumexp) {
+            for (int64_t l = 0; l < len; ++l) {
+                out[o * inner + i0 + l] = Elem<T>::store(static_cast<C>(static_cast<double>(m[l]) + std::log(s[l])));
+            }
+            continue;
+        }
+        const bool log_op = call.op == SoftmaxOp::log_softmax;
+        for (int64_t l = 0; l < len; ++l) scale[l] = static_cast<C>(log_op ? std::log(s[l]) : 1.0 / s[l]);
+        T* oo = out + o * n * inner + i0;
+        for (int64_t c = 0; c < n; ++c) {
+            if (log_op) {
+#pragma omp simd
+                for (int64_t l = 0; l < len; ++l) {
+                    oo[c * inner + l] = Elem<T>::store((Elem<T>::load(xo[c * inner + l]) - m[l]) - scale[l]);
+                }
+            } else {
+#pragma omp simd
+                for (int64_t l = 0; l < len; ++l) {
+                    oo[c * inner + l] = Elem<T>::store(vexp(Elem<T>::load(xo[c * inner + l]) - m[l]) * scale[l]);
+                }
+            }
+        }
+    }
+}
+
+void softmax(const SoftmaxCall& call) {
+    switch (call.dtype) {
+        case DType::f32:
+            return softmax_typed<float>(call);
+        case DType::f64:
+            return softmax_typed<double>(call);
+        case DType::bf16:
+            return softmax_typed<BFloat16>(call);
+        case DType::f16:
+#if defined(CROSSENT_HAVE_FLOAT16)
+            return softmax_typed<Half>(call);
+#endif
+        default:
+            return;
+    }
+}
+
+template <class V>
+void exp_array(const V* in, V* out, int64_t n, int threads) {
+    const int nt = thread_count(threads, n, n / 4096 + 1);
+#pragma omp parallel for simd schedule(static) num_threads(nt)
+    for (int64_t i = 0; i < n; ++i) out[i] = vexp(in[i]);
+}
+
+void exp_f32(const float* in, float* out, int64_t n, int threads) { exp_array(in, out, n, threads); }
+void exp_f64(const double* in, double* out, int64_t n, int threads) { exp_array(in, out, n, threads); }
+
+}  // namespace
+}  // namespace CROSSENT_CAT(isa_, CROSSENT_ISA)
+
+Kernels CROSSENT_CAT(kernels_, CROSSENT_ISA)() {
+    namespace isa = CROSSENT_CAT(isa_, CROSSENT_ISA);
+#define CROSSENT_STR_(a) #a
+#define CROSSENT_STR(a) CROSSENT_STR_(a)
+    return Kernels{CROSSENT_STR(CROSSENT_ISA), isa::cross_entropy, isa::nll_loss, isa::softmax, isa::exp_f32,
+                   isa::exp_f64};
+}
+
+}  // namespace crossent
