@@ -132,3 +132,25 @@ def test_the_class_index_check_runs_before_any_output(monkeypatch):
     monkeypatch.setattr(reference, "cross_entropy", must_not_run)
     with pytest.raises(IndexError):
         crossent.cross_entropy(X, np.array([0, 1, 9, 1]))
+
+
+def test_out_receives_the_gradient_and_is_checked(rng):
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    y = rng.integers(0, 5, size=6)
+    buffer = np.full_like(x, np.nan)
+    loss, grad = crossent.cross_entropy_and_grad(x, y, label_smoothing=0.1, out=buffer)
+    assert grad is buffer
+    expected_loss, expected_grad = crossent.cross_entropy_and_grad(x, y, label_smoothing=0.1)
+    np.testing.assert_array_equal(grad, expected_grad)
+    np.testing.assert_array_equal(loss, expected_loss)
+    with pytest.raises(ValueError, match=r"shape \(6, 5\) and dtype float32, got shape \(5, 6\)"):
+        crossent.cross_entropy_and_grad(x, y, out=np.empty((5, 6), np.float32))
+    with pytest.raises(ValueError, match="dtype float32, got shape \\(6, 5\\) and dtype float64"):
+        crossent.cross_entropy_and_grad(x, y, out=np.empty((6, 5)))
+    with pytest.raises(ValueError, match="must not share memory"):
+        crossent.cross_entropy_and_grad(x, y, out=x)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        crossent.cross_entropy_and_grad(x, y, out=np.empty((5, 6), np.float32).T)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="out must be a NumPy array"):
+        crossent.cross_entropy_and_grad(torch.from_numpy(x), torch.from_numpy(y), out=torch.empty(6, 5))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import array_api_compat
+import array_api_compat.numpy as _numpy_namespace
 import numpy as np
 
 from . import _reference as reference
@@ -17,6 +18,8 @@ def _namespace(input: Any, *others: Any) -> tuple[Any, Any, list[Any]]:
 
     Plain Python data (lists, numbers) becomes a NumPy array; arrays of another library raise.
     """
+    if type(input) is np.ndarray and all(other is None or type(other) is np.ndarray for other in others):
+        return _numpy_namespace, input, list(others)  # the common case, without the generic look-ups
     if not array_api_compat.is_array_api_obj(input):
         input = np.asarray(input)
     xp = array_api_compat.array_namespace(input)
@@ -145,9 +148,9 @@ def cross_entropy(
     )
     xp, input, target, weight, shape = _prepare_loss(input, target, weight, axis, opts, allow_probabilities=True)
     kernel = native_kernel(xp, input)
+    if kernel is not None:
+        return kernel.cross_entropy(input, target, weight, shape, opts)
     with np.errstate(all="ignore"):  # NaN and inf results are the semantics, not accidents
-        if kernel is not None:
-            return kernel.cross_entropy(input, target, weight, shape, opts)
         return _as_result(xp, reference.cross_entropy(xp, input, target, weight, shape, opts))
 
 
@@ -160,6 +163,7 @@ def cross_entropy_and_grad(
     label_smoothing: float = 0.0,
     *,
     grad_output: Any = None,
+    out: Any = None,
     axis: int | None = None,
     z_loss: float = 0.0,
     softcap: float | None = None,
@@ -185,6 +189,10 @@ def cross_entropy_and_grad(
     grad_output : array or float, optional, keyword-only
         The upstream gradient d(objective)/d(loss): a scalar for ``mean`` and ``sum`` (default 1), and
         required, in the loss's shape, for ``none``.
+    out : NumPy array, optional, keyword-only
+        Where to write the gradient (the input's shape and dtype, C-contiguous, not overlapping the
+        input), so that a training loop reuses one buffer instead of allocating one per step. It is
+        returned as ``grad_input``. NumPy inputs only.
     axis, z_loss, softcap, normalizer, zero_if_all_ignored
         As for :func:`cross_entropy`.
 
@@ -223,12 +231,17 @@ def cross_entropy_and_grad(
     if grad_output is not None and not array_api_compat.is_array_api_obj(grad_output):
         grad_output = xp.asarray(grad_output, device=array_api_compat.device(input))
     validate.check_grad_output(grad_output, shape.batch_shape, opts.reduction)
+    if out is not None:
+        validate.check_out(out, input, target)
     kernel = native_kernel(xp, input)
+    if kernel is not None:
+        return kernel.cross_entropy_and_grad(input, target, weight, shape, opts, grad_output, out)
     with np.errstate(all="ignore"):
-        if kernel is not None:
-            return kernel.cross_entropy_and_grad(input, target, weight, shape, opts, grad_output)
         loss, grad = reference.cross_entropy_and_grad(xp, input, target, weight, shape, opts, grad_output)
-        return _as_result(xp, loss), grad
+    if out is not None:
+        np.copyto(out, grad)
+        grad = out
+    return _as_result(xp, loss), grad
 
 
 def nll_loss(
@@ -281,9 +294,9 @@ def nll_loss(
     )
     xp, input, target, weight, shape = _prepare_loss(input, target, weight, axis, opts, allow_probabilities=False)
     kernel = native_kernel(xp, input)
+    if kernel is not None:
+        return kernel.nll_loss(input, target, weight, shape, opts)
     with np.errstate(all="ignore"):
-        if kernel is not None:
-            return kernel.nll_loss(input, target, weight, shape, opts)
         return _as_result(xp, reference.nll_loss(xp, input, target, weight, shape, opts))
 
 
@@ -328,9 +341,9 @@ def logsumexp(x: Any, axis: int = -1, keepdims: bool = False) -> Any:
     if not isinstance(keepdims, bool):
         raise TypeError(f"keepdims must be a bool, got {keepdims!r}")
     kernel = native_kernel(xp, x)
+    if kernel is not None:
+        return kernel.logsumexp(x, ax, keepdims)
     with np.errstate(all="ignore"):
-        if kernel is not None:
-            return kernel.logsumexp(x, ax, keepdims)
         return _as_result(xp, reference.logsumexp(xp, x, ax, keepdims))
 
 
@@ -352,9 +365,9 @@ def log_softmax(x: Any, axis: int = -1) -> Any:
     """
     xp, x, ax = _softmax_input(x, axis)
     kernel = native_kernel(xp, x)
+    if kernel is not None:
+        return kernel.log_softmax(x, ax)
     with np.errstate(all="ignore"):
-        if kernel is not None:
-            return kernel.log_softmax(x, ax)
         return reference.log_softmax(xp, x, ax)
 
 
@@ -373,7 +386,7 @@ def softmax(x: Any, axis: int = -1) -> Any:
     """
     xp, x, ax = _softmax_input(x, axis)
     kernel = native_kernel(xp, x)
+    if kernel is not None:
+        return kernel.softmax(x, ax)
     with np.errstate(all="ignore"):
-        if kernel is not None:
-            return kernel.softmax(x, ax)
         return reference.softmax(xp, x, ax)

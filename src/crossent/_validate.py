@@ -6,10 +6,13 @@ computation, so that a bad call raises the same clear exception whichever backen
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -43,7 +46,15 @@ class LossShape:
 
 def dtype_name(dtype: Any) -> str:
     """``float32`` for numpy's, torch's (``torch.float32``) and JAX's float32 alike."""
+    if isinstance(dtype, np.dtype):
+        return _numpy_dtype_name(dtype)
     return str(dtype).rsplit(".", 1)[-1]
+
+
+@functools.lru_cache(maxsize=64)
+def _numpy_dtype_name(dtype: np.dtype) -> str:
+    # Cached: str() of a NumPy dtype costs microseconds, which matter for small inputs.
+    return str(dtype)
 
 
 def is_half(dtype: Any) -> bool:
@@ -198,6 +209,11 @@ def check_class_indices(xp: Any, target: Any, n_classes: int, ignore_index: int)
     """IndexError naming a target value outside [0, n_classes) that is not ignore_index."""
     if math.prod(target.shape) == 0:
         return
+    if isinstance(target, np.ndarray):
+        # One vectorised pass for the common case of no offender (the generic path below makes four).
+        outside = (target < 0) | (target >= n_classes)
+        if not outside.any() or not (outside & (target != ignore_index)).any():
+            return
     t = xp.astype(target, index_dtype(xp, target.dtype, ignore_index))
     bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
     if not bool(xp.any(bad)):
@@ -235,3 +251,19 @@ def check_grad_output(grad_output: Any, loss_shape_: tuple[int, ...], reduction:
         shape = tuple(int(s) for s in getattr(grad_output, "shape", ()))
         if shape != ():
             raise ValueError(f"grad_output must be a scalar with reduction={reduction!r}, got shape {shape}")
+
+
+def check_out(out: Any, input: Any, target: Any) -> None:
+    """``out`` for the gradient: a writeable, C-contiguous NumPy array of the input's shape and dtype
+    that shares no memory with the input or the target (the kernel reads them while writing it)."""
+    if not isinstance(out, np.ndarray) or not isinstance(input, np.ndarray):
+        raise TypeError(f"out must be a NumPy array for a NumPy input, got {type(out).__name__}")
+    if out.shape != input.shape or out.dtype != input.dtype:
+        raise ValueError(
+            f"out must have the input's shape {input.shape} and dtype {dtype_name(input.dtype)}, "
+            f"got shape {out.shape} and dtype {dtype_name(out.dtype)}"
+        )
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be a writeable, C-contiguous array")
+    if np.shares_memory(out, input) or np.shares_memory(out, target):
+        raise ValueError("out must not share memory with the input or the target")

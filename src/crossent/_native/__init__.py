@@ -7,6 +7,7 @@ to load, ``extension`` is None and crossent runs the Array-API reference instead
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any
 
@@ -14,11 +15,12 @@ import numpy as np
 
 from .._validate import LossOptions, LossShape, dtype_name
 
+extension: Any
+load_error: str | None
 try:
-    from . import _crossent_native as extension
+    extension = importlib.import_module(f"{__name__}._crossent_native")
 except ImportError as error:  # not built (CROSSENT_NATIVE=OFF), or built for another Python
-    extension = None
-    load_error: str | None = f"{type(error).__name__}: {error}"
+    extension, load_error = None, f"{type(error).__name__}: {error}"
 else:
     load_error = None
 
@@ -83,6 +85,7 @@ def _cross_entropy(
     *,
     want_grad: bool,
     grad_output: Any,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     assert extension is not None
     dtype = input.dtype
@@ -91,9 +94,13 @@ def _cross_entropy(
     t, kind = _target(target, shape, dtype)
     cdt = _compute_dtype(dtype)
     rows = outer * inner
-    loss_rows = np.empty(rows, dtype=cdt) if opts.reduction == "none" else None
-    grad = np.empty(input.shape, dtype=dtype) if want_grad else None
-    grad_rows = None
+    loss_rows: np.ndarray | None = np.empty(rows, dtype=cdt) if opts.reduction == "none" else None
+    grad = None
+    if want_grad:
+        # A fresh gradient costs the operating system a page fault and a zeroing per page on first
+        # write; `out` lets a training loop reuse one buffer instead.
+        grad = np.empty(input.shape, dtype=dtype) if out is None else out
+    grad_rows: np.ndarray | None = None
     grad_scale = 1.0
     if want_grad and opts.reduction == "none":
         grad_rows = np.ascontiguousarray(np.asarray(grad_output, dtype=cdt).reshape(rows))
@@ -120,9 +127,9 @@ class NativeKernel:
 
     @staticmethod
     def cross_entropy_and_grad(
-        input: Any, target: Any, weight: Any, shape: LossShape, opts: LossOptions, grad_output: Any
+        input: Any, target: Any, weight: Any, shape: LossShape, opts: LossOptions, grad_output: Any, out: Any = None
     ) -> tuple[Any, Any]:
-        return _cross_entropy(input, target, weight, shape, opts, want_grad=True, grad_output=grad_output)
+        return _cross_entropy(input, target, weight, shape, opts, want_grad=True, grad_output=grad_output, out=out)
 
     @staticmethod
     def nll_loss(input: Any, target: Any, weight: Any, shape: LossShape, opts: LossOptions) -> Any:
@@ -131,7 +138,9 @@ class NativeKernel:
         x, code = _kernel_view(input)
         outer, classes, inner = _layout(input.shape, shape.class_axis)
         t, kind = _target(target, shape, dtype)
-        loss_rows = np.empty(outer * inner, dtype=_compute_dtype(dtype)) if opts.reduction == "none" else None
+        loss_rows: np.ndarray | None = None
+        if opts.reduction == "none":
+            loss_rows = np.empty(outer * inner, dtype=_compute_dtype(dtype))
         total = extension.nll_loss(
             x, code, outer, classes, inner, t, kind, _weight(weight, dtype), opts.ignore_index,
             _REDUCTION_CODES[opts.reduction], _normalizer(opts), opts.zero_if_all_ignored, loss_rows,

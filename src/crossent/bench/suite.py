@@ -1,0 +1,288 @@
+"""The kernel benchmark suite: cases, implementations, timing, and the ratios reported from them.
+
+Every implementation of a case is timed in the same process, on the same arrays, best of ``repeats``
+after one warm-up call. "forward" returns the mean loss; "forward+backward" also materialises the
+gradient with respect to the logits. The floors are what the memory system allows: a read-only pass
+over the logits (``np.max``) for forward, and ``np.copyto`` of the logits into a preallocated array
+(one read and one write of the same bytes) for forward+backward.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import crossent
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shape: tuple[int, ...]  # logits, classes on axis 1
+    dtype: str = "float32"
+    modes: tuple[str, ...] = ("forward", "forward+backward")
+    peers: tuple[str, ...] = ("crossent", "torch", "jax", "numpy", "floor")
+    repeats: int = 5
+    group: str = "main"  # "sweep" cases are drawn as time against vocabulary size
+
+
+def _sweep(rows: int, vocabularies: list[int], repeats: int) -> list[Case]:
+    return [
+        Case(f"sweep {rows}x{v}", (rows, v), modes=("forward+backward",), peers=("crossent", "torch", "jax", "floor"),
+             repeats=repeats, group="sweep")
+        for v in vocabularies
+    ]  # fmt: skip
+
+
+CASES: list[Case] = [
+    Case("4096x32768 f32", (4096, 32768)),
+    Case("4096x131072 bf16", (4096, 131072), dtype="bfloat16", peers=("crossent", "torch", "floor"), repeats=3),
+    Case("8x21x256x256 f32 (segmentation)", (8, 21, 256, 256)),
+    Case(
+        "256x10 f32 (latency)", (256, 10), modes=("forward",), peers=("crossent", "torch", "jax", "numpy"), repeats=200
+    ),
+    *_sweep(4096, [1024, 4096, 16384, 65536, 262144], repeats=3),
+]
+
+# Under a minute on a 2-core machine: the same kinds of case, smaller.
+QUICK_CASES: list[Case] = [
+    Case("1024x32768 f32", (1024, 32768), repeats=3),
+    Case("2x21x256x256 f32 (segmentation)", (2, 21, 256, 256), repeats=3),
+    Case(
+        "256x10 f32 (latency)", (256, 10), modes=("forward",), peers=("crossent", "torch", "jax", "numpy"), repeats=100
+    ),
+    *_sweep(1024, [1024, 8192, 65536], repeats=2),
+]
+
+
+@dataclass
+class Result:
+    case: str
+    shape: tuple[int, ...]
+    dtype: str
+    mode: str
+    impl: str
+    seconds: float | None
+    note: str = ""
+    group: str = "main"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _best_of(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up: JIT compilation, allocator, page faults of one-time buffers
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _numpy_dtype(name: str) -> Any:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+# Bytes a peer holds at once, in multiples of the logits (input, log-softmax or softmax, gradients):
+# a peer that would not fit in the memory left is reported as skipped rather than pushed into swap.
+_FOOTPRINT = {"crossent": 2, "numpy": 4, "torch": 5, "jax": 5, "floor": 2}
+
+
+def _make_inputs(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(case.shape, dtype=np.float32)
+    x = x.astype(_numpy_dtype(case.dtype))
+    batch = case.shape[:1] + case.shape[2:]
+    y = rng.integers(0, case.shape[1], size=batch)
+    return x, y
+
+
+def _crossent(x: np.ndarray, y: np.ndarray, mode: str) -> Callable[[], Any]:
+    if mode == "forward":
+        return lambda: crossent.cross_entropy(x, y)
+    return lambda: crossent.cross_entropy_and_grad(x, y)
+
+
+def _numpy_notebook(x: np.ndarray, y: np.ndarray, mode: str) -> Callable[[], Any]:
+    """The seed notebooks' formula, vectorised and stabilised by the row maximum."""
+    rows = np.arange(x.shape[0])
+
+    def forward() -> Any:
+        m = x.max(axis=1, keepdims=True)
+        lse = m + np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+        return np.mean(lse[:, 0] - x[rows, y])
+
+    def forward_backward() -> Any:
+        m = x.max(axis=1, keepdims=True)
+        e = np.exp(x - m)
+        s = e.sum(axis=1, keepdims=True)
+        loss = np.mean(m[:, 0] + np.log(s[:, 0]) - x[rows, y])
+        grad = e / s
+        grad[rows, y] -= 1.0
+        grad /= x.shape[0]
+        return loss, grad
+
+    if x.ndim != 2:
+        raise ValueError("the notebook formula is benchmarked on (N, C) inputs only")
+    return forward if mode == "forward" else forward_backward
+
+
+def _torch(x: np.ndarray, y: np.ndarray, mode: str) -> Callable[[], Any]:
+    torch = importlib.import_module("torch")
+    F = torch.nn.functional
+    if x.dtype.name == "bfloat16":
+        xt = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)  # the same bits, no conversion
+    else:
+        xt = torch.from_numpy(x)
+    yt = torch.from_numpy(y)
+    if mode == "forward":
+
+        def forward() -> Any:
+            with torch.no_grad():
+                return F.cross_entropy(xt, yt)
+
+        return forward
+    leaf = xt.detach().requires_grad_(True)
+
+    def forward_backward() -> Any:
+        leaf.grad = None
+        loss = F.cross_entropy(leaf, yt)
+        loss.backward()
+        return loss, leaf.grad
+
+    return forward_backward
+
+
+def _jax(x: np.ndarray, y: np.ndarray, mode: str) -> Callable[[], Any]:
+    jax = importlib.import_module("jax")
+    jnp = importlib.import_module("jax.numpy")
+
+    def loss(logits: Any, labels: Any) -> Any:
+        # optax.softmax_cross_entropy_with_integer_labels, written out: logsumexp minus the label logit.
+        moved = jnp.moveaxis(logits, 1, -1)
+        label_logits = jnp.take_along_axis(moved, labels[..., None], axis=-1)[..., 0]
+        return jnp.mean(jax.nn.logsumexp(moved, axis=-1) - label_logits)
+
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+    fn = jax.jit(loss) if mode == "forward" else jax.jit(jax.value_and_grad(loss))
+    return lambda: jax.block_until_ready(fn(xj, yj))
+
+
+def _floor(x: np.ndarray, y: np.ndarray, mode: str) -> Callable[[], Any]:
+    if mode == "forward":
+        return lambda: np.max(x)  # one read of the logits, no write
+    dst = np.empty_like(x)
+    return lambda: np.copyto(dst, x)  # one read and one write of the same bytes, into a warm buffer
+
+
+_PEERS: dict[str, Callable[[np.ndarray, np.ndarray, str], Callable[[], Any]]] = {
+    "crossent": _crossent,
+    "torch": _torch,
+    "jax": _jax,
+    "numpy": _numpy_notebook,
+    "floor": _floor,
+}
+_MODULES = {"torch": "torch", "jax": "jax"}
+
+
+def run_suite(
+    cases: list[Case],
+    *,
+    peers: tuple[str, ...] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[Result]:
+    """Time every (case, mode, peer); a peer that is not installed or would not fit is skipped, with a note."""
+    jobs = [(case, mode, impl) for case in cases for mode in case.modes for impl in case.peers]
+    if peers is not None:
+        jobs = [job for job in jobs if job[2] in peers]
+    results: list[Result] = []
+    inputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for index, (case, mode, impl) in enumerate(jobs):
+        if progress is not None:
+            progress(f"{case.name} {mode} {impl}", index, len(jobs))
+        if case.name not in inputs:
+            inputs.clear()  # one case's arrays at a time
+            inputs[case.name] = _make_inputs(case)
+        x, y = inputs[case.name]
+        result = Result(case.name, case.shape, case.dtype, mode, impl, None, group=case.group)
+        module = _MODULES.get(impl)
+        if module is not None and importlib.util.find_spec(module) is None:
+            result.note = f"{module} not installed"
+        elif impl == "numpy" and x.ndim != 2:
+            result.note = "notebook formula: (N, C) only"
+        elif _FOOTPRINT[impl] * x.nbytes > 0.8 * _available_memory():
+            result.note = "skipped: would not fit in memory"
+        else:
+            result.seconds = _best_of(_PEERS[impl](x, y, mode), case.repeats)
+        results.append(result)
+    if progress is not None:
+        progress("done", len(jobs), len(jobs))
+    return results
+
+
+def ratio_rows(results: list[Result]) -> list[dict[str, Any]]:
+    """Per (case, mode): crossent's time and each peer's time divided by it (> 1: crossent is faster)."""
+    rows: list[dict[str, Any]] = []
+    keys = sorted({(r.case, r.mode) for r in results}, key=lambda k: [r.case for r in results].index(k[0]))
+    for case, mode in keys:
+        timed = {r.impl: r.seconds for r in results if r.case == case and r.mode == mode}
+        ours = timed.get("crossent")
+        row: dict[str, Any] = {"case": case, "mode": mode, "crossent_s": ours}
+        for impl, seconds in timed.items():
+            if impl == "crossent":
+                continue
+            row[f"{impl}_s"] = seconds
+            if ours and seconds:
+                # For the floor the ratio reads the other way: crossent's time in multiples of the floor.
+                row[f"{impl}_ratio"] = ours / seconds if impl == "floor" else seconds / ours
+        rows.append(row)
+    return rows
+
+
+def machine_metadata() -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "crossent": crossent.__version__,
+        "crossent_config": crossent.config(),
+        "numpy": np.__version__,
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    meta["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    for name in ("torch", "jax"):
+        if importlib.util.find_spec(name) is not None:
+            meta[name] = importlib.import_module(name).__version__
+    if "torch" in meta:
+        meta["torch_threads"] = importlib.import_module("torch").get_num_threads()
+    return meta

@@ -1,0 +1,272 @@
+"""The native kernel against the Array-API reference: every option, layout, dtype and instruction set;
+bitwise invariance to the thread count; the accuracy of its exp; inputs above 2^31 elements."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import array_api_compat.numpy as xp_numpy
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import crossent
+from cases import grad_output_for, make_case
+from crossent import _native, _reference, _validate
+
+pytestmark = pytest.mark.skipif(_native.extension is None, reason=f"native kernel not built: {_native.load_error}")
+
+ISAS = list(_native.extension.available_isas()) if _native.extension is not None else []
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    _native.extension.select_isa(request.param)
+    yield request.param
+    _native.extension.select_isa("best")
+
+
+def reference_loss_and_grad(case, grad_output):
+    """crossent's own spec (the Array-API reference) on the same NumPy arrays."""
+    kw = dict(case.kwargs)
+    weight = kw.pop("weight", None)
+    axis = kw.pop("axis", None)
+    opts = _validate.loss_options(**kw)
+    shape = _validate.loss_shape(xp_numpy, case.x, case.target, axis, allow_probabilities=True)
+    with np.errstate(all="ignore"):
+        return _reference.cross_entropy_and_grad(xp_numpy, case.x, case.target, weight, shape, opts, grad_output)
+
+
+def kernel_tolerance(dtype):
+    name = np.dtype(dtype).name
+    return {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}[name]
+
+
+def assert_matches_reference(case, rng):
+    go = grad_output_for(case, rng)
+    loss, grad = crossent.cross_entropy_and_grad(case.x, case.target, grad_output=go, **case.kwargs)
+    ref_loss, ref_grad = reference_loss_and_grad(case, go)
+    tol = kernel_tolerance(case.x.dtype)
+    assert loss.dtype == case.x.dtype and grad.dtype == case.x.dtype
+    np.testing.assert_allclose(
+        np.asarray(loss, np.float64), np.asarray(ref_loss, np.float64), rtol=tol, atol=tol, equal_nan=True
+    )
+    scale = max(1.0, float(np.nanmax(np.abs(np.asarray(ref_grad, np.float64)), initial=0.0)))
+    np.testing.assert_allclose(
+        np.asarray(grad, np.float64), np.asarray(ref_grad, np.float64), rtol=tol, atol=tol * scale, equal_nan=True
+    )
+
+
+def _dtypes():
+    dtypes = [np.float32, np.float64, np.float16]
+    try:
+        import ml_dtypes
+
+        dtypes.append(ml_dtypes.bfloat16)
+    except ImportError:
+        pass
+    return dtypes
+
+
+LAYOUTS = [
+    ((37, 1500), None),  # classes contiguous, two chunks' worth of rows
+    ((5, 2100, 3), None),  # strided (N, C, d), C over the 1024-class chunk
+    ((3, 7, 9, 11), None),  # segmentation (N, C, H, W), tiles shorter than 64
+    ((2, 9, 150), None),  # strided with a partial second tile
+    ((4, 6, 300), -1),  # (N, T, C) classes last
+    ((19,), None),  # unbatched
+]
+
+
+@pytest.mark.parametrize("dtype", _dtypes(), ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(("shape", "axis"), LAYOUTS, ids=str)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"weighted": True, "ignore_some": True, "label_smoothing": 0.2, "reduction": "sum"},
+        {"probability": True, "weighted": True, "label_smoothing": 0.1, "reduction": "none"},
+        {"ignore_some": True, "z_loss": 1e-3, "softcap": 15.0, "reduction": "none"},
+        {"probability": True, "softcap": 5.0, "normalizer": 11.0},
+    ],
+    ids=str,
+)
+def test_kernel_matches_reference(isa, rng, dtype, shape, axis, options):
+    case = make_case(rng, shape, dtype, axis=axis, **options)
+    assert_matches_reference(case, rng)
+
+
+@given(
+    shape=st.sampled_from([(9, 2000), (3, 5, 70), (2, 1, 3), (1, 3000), (6, 4, 1, 5)]),
+    probability=st.booleans(),
+    weighted=st.booleans(),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    label_smoothing=st.sampled_from([0.0, 0.3]),
+    z_loss=st.sampled_from([0.0, 0.01]),
+    softcap=st.sampled_from([None, 3.0]),
+    scale=st.sampled_from([0.5, 5.0, 80.0]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_kernel_matches_reference_on_random_problems(
+    shape, probability, weighted, reduction, label_smoothing, z_loss, softcap, scale, seed
+):
+    rng = np.random.default_rng(seed)
+    case = make_case(
+        rng, shape, np.float64, probability=probability, weighted=weighted, ignore_some=not probability,
+        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, scale=scale,
+    )  # fmt: skip
+    assert_matches_reference(case, rng)
+
+
+@pytest.mark.parametrize("target_dtype", [np.int64, np.int32, np.uint8, np.int16])
+def test_kernel_target_dtypes(rng, target_dtype):
+    case = make_case(rng, (30, 40), np.float32, ignore_some=True, ignore_index=255)
+    case.target = case.target.astype(target_dtype)
+    assert_matches_reference(case, rng)
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((8, 3000), 1), ((4, 7, 130), 1), ((3, 5, 7), 2)], ids=str)
+def test_results_are_bitwise_identical_for_any_thread_count(rng, shape, axis):
+    x = (4 * rng.standard_normal(shape)).astype(np.float32)
+    batch = shape[:axis] + shape[axis + 1 :]
+    y = rng.integers(0, shape[axis], size=batch)
+    previous = crossent.get_num_threads()
+    results = []
+    try:
+        for threads in [1, 2, 3, 7]:
+            crossent.set_num_threads(threads)
+            loss, grad = crossent.cross_entropy_and_grad(x, y, axis=axis, label_smoothing=0.1)
+            rows = crossent.cross_entropy(x, y, axis=axis, reduction="none")
+            results.append((loss.tobytes(), grad.tobytes(), rows.tobytes(), crossent.log_softmax(x, axis).tobytes()))
+    finally:
+        crossent.set_num_threads(previous)
+    assert all(r == results[0] for r in results[1:])
+
+
+def test_kernel_rows_are_summed_blockwise_for_a_million_rows(rng):
+    # float32 mean over 10^6 rows: the kernel sums in double, so it matches the float64 oracle.
+    x = rng.standard_normal((1_000_000, 4)).astype(np.float32)
+    y = rng.integers(0, 4, size=1_000_000)
+    exact = float(np.mean(np.log(np.exp(x.astype(np.float64)).sum(axis=1)) - x[np.arange(len(y)), y]))
+    got = float(crossent.cross_entropy(x, y))
+    assert abs(got - exact) <= np.spacing(np.float32(exact))
+
+
+@pytest.mark.parametrize("dtype", _dtypes(), ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(("shape", "axis"), [((13, 2500), 1), ((4, 9, 70), 1), ((6, 5, 33), -1), ((7,), 0)], ids=str)
+def test_softmax_family_kernel_matches_reference(isa, rng, dtype, shape, axis):
+    x = (6 * rng.standard_normal(shape)).astype(dtype)
+    tol = kernel_tolerance(dtype)
+    with np.errstate(all="ignore"):
+        for name in ["log_softmax", "softmax"]:
+            got = getattr(crossent, name)(x, axis=axis)
+            want = getattr(_reference, name)(xp_numpy, x, axis % x.ndim)
+            assert got.dtype == x.dtype
+            np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=tol, atol=tol)
+        got = crossent.logsumexp(x, axis=axis, keepdims=True)
+        want = _reference.logsumexp(xp_numpy, x, axis % x.ndim, True)
+        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=tol, atol=tol)
+
+
+def test_nll_kernel_matches_reference(rng):
+    for shape in [(20, 7), (3, 6, 5, 4), (9,)]:
+        case = make_case(rng, shape, np.float32, ignore_some=True, weighted=True)
+        axis = 0 if len(shape) == 1 else 1
+        shape_info = _validate.loss_shape(xp_numpy, case.x, case.target, None, allow_probabilities=False)
+        for reduction in ["mean", "sum", "none"]:
+            opts = _validate.loss_options(reduction=reduction, ignore_index=-100)
+            want = _reference.nll_loss(xp_numpy, case.x, case.target, case.kwargs["weight"], shape_info, opts)
+            got = crossent.nll_loss(case.x, case.target, case.kwargs["weight"], reduction=reduction, axis=axis)
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _ulp_error(got: np.ndarray, exact: np.ndarray, dtype) -> np.ndarray:
+    rounded = exact.astype(dtype)
+    return np.abs(got.astype(np.float64) - exact) / np.spacing(np.abs(rounded)).astype(np.float64)
+
+
+def test_vectorised_exp_is_accurate_to_a_few_ulp(isa):
+    # float32 over the range the loss needs (x - max <= 0) and beyond, against float64 exp.
+    x32 = np.linspace(-87.0, 88.0, 2_000_003, dtype=np.float32)
+    out32 = np.empty_like(x32)
+    _native.extension.exp(x32, out32)
+    assert _ulp_error(out32, np.exp(x32.astype(np.float64)), np.float32).max() <= 2.0
+    # float64 against the C library's exp (correctly rounded to within 1 ulp).
+    x64 = np.linspace(-708.0, 709.0, 2_000_003)
+    out64 = np.empty_like(x64)
+    _native.extension.exp(x64, out64)
+    assert _ulp_error(out64, np.exp(x64), np.float64).max() <= 3.0
+    # The edges the kernel relies on: exp(-inf) = 0, exp(0) = 1, NaN stays NaN.
+    special = np.array([-np.inf, 0.0, np.nan, -100.0, -1e30], dtype=np.float32)
+    out = np.empty_like(special)
+    _native.extension.exp(special, out)
+    assert out[0] == 0.0 and out[1] == 1.0 and np.isnan(out[2]) and out[3] == 0.0 and out[4] == 0.0
+
+
+def test_the_fallback_path_gives_the_same_answers(rng):
+    from crossent import _dispatch
+
+    case = make_case(rng, (6, 5, 4), np.float64, weighted=True, ignore_some=True, label_smoothing=0.1)
+    native = crossent.cross_entropy_and_grad(case.x, case.target, **case.kwargs)
+    previous = _dispatch.use_native(False)
+    try:
+        fallback = crossent.cross_entropy_and_grad(case.x, case.target, **case.kwargs)
+    finally:
+        _dispatch.use_native(previous)
+    np.testing.assert_allclose(native[0], fallback[0], rtol=1e-12)
+    np.testing.assert_allclose(native[1], fallback[1], rtol=1e-12, atol=1e-15)
+
+
+def test_show_config_reports_the_native_path(capsys):
+    crossent.show_config()
+    out = capsys.readouterr().out
+    assert "native: True" in out and f"isa: {_native.extension.isa()}" in out
+    assert crossent.config()["threads"] == crossent.get_num_threads()
+    with pytest.raises(ValueError, match="at least 1, got 0"):
+        crossent.set_num_threads(0)
+
+
+_PEAK_SCRIPT = """
+import json, resource, sys
+import numpy as np, crossent
+x = np.random.default_rng(0).standard_normal((2048, 32768), dtype=np.float32)  # 256 MiB
+y = np.zeros(2048, dtype=np.int64)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[1] == "forward":
+    crossent.cross_entropy(x, y)
+else:
+    crossent.cross_entropy_and_grad(x, y)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"extra_kib": after - before, "input_kib": x.nbytes // 1024}))
+"""
+
+
+@pytest.mark.parametrize(("mode", "allowed_inputs"), [("forward", 0.05), ("backward", 1.05)])
+def test_no_temporary_as_large_as_the_input(mode, allowed_inputs):
+    # Peak memory in a fresh process: forward allocates nothing input-sized; backward only the gradient.
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, mode], capture_output=True, text=True, check=True)
+    peak = json.loads(out.stdout)
+    assert peak["extra_kib"] <= allowed_inputs * peak["input_kib"], peak
+
+
+@pytest.mark.slow
+def test_inputs_above_2_to_the_31_elements():
+    # 32769 x 65536 float16 = 2^31 + 65536 elements (4 GiB): every index past 2^31 must be reached.
+    rows, classes = 32769, 65536
+    x = np.zeros((rows, classes), dtype=np.float16)  # zero pages: cheap to create
+    y = np.zeros(rows, dtype=np.int64)
+    last = rows - 1
+    x[last, classes - 1] = 8.0  # the very last logits, beyond 2^31
+    y[last] = classes - 1
+    x[0, 5] = 4.0
+    losses = crossent.cross_entropy(x, y, reduction="none")
+    uniform = np.log(classes)
+    assert losses.shape == (rows,)
+    np.testing.assert_allclose(losses[1:last].astype(np.float64), uniform, rtol=1e-3)
+    expected_last = np.log(classes - 1 + np.exp(8.0)) - 8.0
+    expected_first = np.log(classes - 1 + np.exp(4.0)) - 0.0
+    np.testing.assert_allclose(float(losses[last]), expected_last, rtol=2e-3)
+    np.testing.assert_allclose(float(losses[0]), expected_first, rtol=2e-3)
