@@ -16,34 +16,14 @@ import pathlib
 import sys
 import time
 
-from crossent.bench import CASES, QUICK_CASES, machine_metadata, ratio_rows, run_suite
-
-
-def format_table(rows: list[dict]) -> str:
-    peers = ["torch", "jax", "numpy", "floor"]
-    header = f"{'case':<34} {'mode':<17} {'crossent':>10}" + "".join(f" {p:>16}" for p in peers)
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        cells = []
-        for peer in peers:
-            seconds, ratio = row.get(f"{peer}_s"), row.get(f"{peer}_ratio")
-            if seconds is None:
-                cells.append(f" {'-':>16}")
-            else:
-                mark = "x floor" if peer == "floor" else "x"
-                cells.append(
-                    f" {seconds * 1e3:>7.2f}ms {ratio:>5.2f}{mark[0]}" if ratio else f" {seconds * 1e3:>9.2f}ms"
-                )
-        ours = row["crossent_s"]
-        lines.append(f"{row['case']:<34} {row['mode']:<17} {ours * 1e3:>8.3f}ms" + "".join(cells))
-    lines.append("ratios: peer time / crossent time (>1: crossent faster); floor: crossent time / floor time")
-    return "\n".join(lines)
+from crossent.bench import CASES, QUICK_CASES, format_table, machine_metadata, plot_sweep, ratio_rows, run_suite
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller cases, under a minute")
     parser.add_argument("--out", type=pathlib.Path, help="JSON file to write")
+    parser.add_argument("--plot", type=pathlib.Path, help="PNG of time against vocabulary size")
     args = parser.parse_args(argv)
 
     def progress(label: str, done: int, total: int) -> None:
@@ -57,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"machine": machine_metadata(), "results": [dataclasses.asdict(r) for r in results], "ratios": rows}
     out.write_text(json.dumps(payload, indent=2, default=str))
     print(f"wrote {out}")
+    if args.plot:
+        plot_sweep(results, str(args.plot))
+        print(f"wrote {args.plot}")
     return 0
 
 

@@ -245,8 +245,7 @@ def run_suite(
 def ratio_rows(results: list[Result]) -> list[dict[str, Any]]:
     """Per (case, mode): crossent's time and each peer's time divided by it (> 1: crossent is faster)."""
     rows: list[dict[str, Any]] = []
-    keys = sorted({(r.case, r.mode) for r in results}, key=lambda k: [r.case for r in results].index(k[0]))
-    for case, mode in keys:
+    for case, mode in dict.fromkeys((r.case, r.mode) for r in results):  # first-seen order
         timed = {r.impl: r.seconds for r in results if r.case == case and r.mode == mode}
         ours = timed.get("crossent")
         row: dict[str, Any] = {"case": case, "mode": mode, "crossent_s": ours}
@@ -286,3 +285,52 @@ def machine_metadata() -> dict[str, Any]:
     if "torch" in meta:
         meta["torch_threads"] = importlib.import_module("torch").get_num_threads()
     return meta
+
+
+_TABLE_PEERS = ("torch", "jax", "numpy", "floor")
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Times and ratios as aligned text: 'peer time (ratio)' per column."""
+    header = f"{'case':<34} {'mode':<17} {'crossent':>10}" + "".join(f" {p:>17}" for p in _TABLE_PEERS)
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        cells = []
+        for peer in _TABLE_PEERS:
+            seconds, ratio = row.get(f"{peer}_s"), row.get(f"{peer}_ratio")
+            if seconds is None:
+                cells.append(f" {'-':>17}")
+            else:
+                cells.append(f" {seconds * 1e3:>8.2f}ms {ratio:>5.2f}x" if ratio else f" {seconds * 1e3:>10.2f}ms")
+        ours = row["crossent_s"]
+        lines.append(f"{row['case']:<34} {row['mode']:<17} {ours * 1e3:>8.3f}ms" + "".join(cells))
+    lines.append("torch, jax, numpy: their time / crossent's (> 1: crossent is faster); floor: crossent's / floor's")
+    return "\n".join(lines)
+
+
+def plot_sweep(results: list[Result], path: str) -> None:
+    """Time against vocabulary size per implementation (the 'sweep' cases), log-log, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = [r for r in results if r.group == "sweep" and r.seconds is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for impl in sorted({r.impl for r in sweep}):
+        points = sorted((r.shape[1], float(r.seconds or 0.0)) for r in sweep if r.impl == impl)
+        label = "memory floor (np.copyto)" if impl == "floor" else impl
+        style = "--" if impl == "floor" else "-o"
+        ax.plot([p[0] for p in points], [p[1] * 1e3 for p in points], style, label=label)
+    if sweep:
+        rows = sweep[0].shape[0]
+        ax.set_title(f"cross-entropy forward+backward, {rows} rows, float32")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("vocabulary size V")
+    ax.set_ylabel("time (ms), best of repeats")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,153 @@
+"""The command line, run for real in a subprocess, as a user would."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import crossent
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "crossent", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_default_explain_reproduces_the_notebooks():
+    result = run("explain", "--plain")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "loss (mean) = 1.7603" in out
+    assert "seed 000: segmentation, 6 images x 3 classes x 5 x 5 pixels" in out
+    assert "[FAIL]" not in out
+    for identity in ["CE(x) = NLL(log_softmax(x))", "log_softmax(log_softmax(x)) = log_softmax(x)", "gradient ="]:
+        assert f"[ok ] {identity}" in out
+    assert "more rows not shown (of 150)" in out  # the 150-pixel batch is summarised
+
+
+def test_default_explain_cross_checks_installed_frameworks():
+    pytest.importorskip("torch")
+    out = run("explain", "--plain").stdout
+    assert "torch " in out and "largest difference from crossent" in out
+
+
+def test_json_matches_the_library(tmp_path, rng):
+    x = rng.standard_normal((7, 4))
+    y = np.array([0, 3, -100, 1, 2, 2, 3])
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "y.json").write_text(json.dumps(y.tolist()))
+    result = run(
+        "explain", "--logits", str(tmp_path / "x.npy"), "--target", str(tmp_path / "y.json"),
+        "--weight", "[1, 2, 0.5, 1]", "--label-smoothing", "0.1", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    trace = json.loads(result.stdout)["traces"][0]
+    expected = crossent.cross_entropy(x, y, np.array([1, 2, 0.5, 1]), label_smoothing=0.1)
+    assert trace["loss"] == pytest.approx(float(expected), rel=1e-12)
+    assert trace["denominator"] == pytest.approx(1 + 1 + 2 + 0.5 + 0.5 + 1)
+    assert len(trace["rows"]) == 7 and trace["rows"][2]["ignored"] is True
+    assert all(check["holds"] for check in trace["checks"])
+
+
+def test_csv_input_and_reduction_none(tmp_path):
+    (tmp_path / "x.csv").write_text("1,2,3\n3,2,1\n")
+    (tmp_path / "y.csv").write_text("2\n0\n")
+    result = run("explain", "--logits", str(tmp_path / "x.csv"), "--target", str(tmp_path / "y.csv"),
+                 "--reduction", "none", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    loss = json.loads(result.stdout)["traces"][0]["loss"]
+    np.testing.assert_allclose(loss, crossent.cross_entropy(np.array([[1.0, 2, 3], [3, 2, 1]]), np.array([2, 0]),
+                                                            reduction="none"))  # fmt: skip
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_plot_writes_a_png_of_the_expected_size(tmp_path):
+    pytest.importorskip("matplotlib")
+    from crossent.cli import render
+
+    path = tmp_path / "probs.png"
+    result = run("explain", "--plain", "--plot", str(path))
+    assert result.returncode == 0, result.stderr
+    # The seed-001 example has 5 rows: 5 panels of 1.6 in at 100 dpi, 8 in wide.
+    assert _png_size(path) == (int(render.PLOT_WIDTH_IN * 100), int(render.PLOT_ROW_HEIGHT_IN * 5 * 100))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["explain", "--logits", "[[1, 2], [3, 4]]", "--target", "[0, 5]"], "target value 5 is out of range"),
+        (["explain", "--logits", "[[1, 2], [3, 4]]", "--target", "[0, 1, 1]"], "does not match input shape"),
+        (["explain", "--logits", "missing.npy", "--target", "[0]"], "no such file 'missing.npy'"),
+        (["explain", "--logits", "[[1, 2], [3, 4]", "--target", "[0, 1]"], "is not valid JSON"),
+        (["explain", "--logits", "[[1, 2]]"], "--logits needs --target"),
+        (["explain", "--logits", "[[1, 2]]", "--target", "[0.5]"], "class indices must be whole numbers"),
+        (["explain", "--logits", "[[1, 2]]", "--target", "[0]", "--label-smoothing", "2"], "label_smoothing must be"),
+        (["explain", "--logits", "[[1, 2]]", "--target", "[0]", "--reduction", "avg"], "invalid choice: 'avg'"),
+        (["explain", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["explain", "--max-rows", "0"], "--max-rows must be at least 1"),
+        (["teleport"], "invalid choice: 'teleport'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
+    result = run(*args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_malformed_file_is_reported(tmp_path):
+    bad = tmp_path / "x.csv"
+    bad.write_text("1,2\nthree,4\n")
+    result = run("explain", "--logits", str(bad), "--target", "[0, 1]")
+    assert result.returncode == 2 and "cannot read" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_info_reports_kernel_and_frameworks():
+    result = run("info", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["crossent"] == crossent.__version__
+    assert info["native"] == crossent.config()["native"]
+    assert info["threads"] >= 1 and "numpy" in info["frameworks"]
+    text = run("info").stdout
+    assert "isa" in text and "frameworks:" in text
+
+
+def test_console_script_entry_point_is_declared():
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    if "crossent" not in scripts:
+        pytest.fail("the crossent console script is not installed (pip install . declares it)")
+    assert scripts["crossent"] == "crossent.cli:main"
+
+
+def test_bench_suite_plumbing_on_a_tiny_case():
+    # Timings are never asserted; this checks that every peer runs and the report is well-formed.
+    from crossent.bench import format_table, ratio_rows, run_suite
+    from crossent.bench.suite import Case
+
+    case = Case("tiny 64x100", (64, 100), peers=("crossent", "numpy", "floor"), repeats=1)
+    results = run_suite([case])
+    assert {(r.mode, r.impl) for r in results if r.seconds is not None} == {
+        (m, i) for m in ("forward", "forward+backward") for i in ("crossent", "numpy", "floor")
+    }
+    rows = ratio_rows(results)
+    assert [r["mode"] for r in rows] == ["forward", "forward+backward"]
+    assert all(r["numpy_ratio"] > 0 for r in rows)
+    assert "tiny 64x100" in format_table(rows)
+    json.dumps(rows)
