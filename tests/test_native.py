@@ -270,3 +270,15 @@ def test_inputs_above_2_to_the_31_elements():
     expected_first = np.log(classes - 1 + np.exp(4.0)) - 0.0
     np.testing.assert_allclose(float(losses[last]), expected_last, rtol=2e-3)
     np.testing.assert_allclose(float(losses[0]), expected_first, rtol=2e-3)
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_half_precision_loads_and_stores_round_trip_every_finite_value(half):
+    # logsumexp over one class is the value itself: m + log(exp(0)) = m, so the kernel's load to float32
+    # and store back must give every finite 16-bit value back exactly (subnormals included).
+    dtype = np.float16 if half == "float16" else pytest.importorskip("ml_dtypes").bfloat16
+    values = np.arange(65536, dtype=np.uint16).view(dtype)
+    finite = values[np.isfinite(values.astype(np.float32))]
+    out = crossent.logsumexp(finite[:, None], axis=1)
+    assert out.dtype == finite.dtype
+    np.testing.assert_array_equal(out.astype(np.float32), finite.astype(np.float32))

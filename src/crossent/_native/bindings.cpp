@@ -222,11 +222,6 @@ NB_MODULE(_crossent_native, m) {
             }
         },
         nb::arg("name"), "Use one build of the kernel (tests compare them); 'best' restores the default.");
-#if defined(__FLT16_MAX__)
-    m.attr("has_float16") = true;
-#else
-    m.attr("has_float16") = false;
-#endif
 #ifdef _OPENMP
     m.attr("openmp") = true;
 #else

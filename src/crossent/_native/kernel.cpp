@@ -162,55 +162,79 @@ inline double vlog(double x) {
 // ---------------------------------------------------------------------------------------------------
 // Element types: logits are stored as T and computed in Compute<T> (float, or double for double).
 
-struct Half {
-    uint16_t bits;
-};
-struct BFloat16 {
-    uint16_t bits;
-};
+// Tags for the two 16-bit float formats (their elements are stored as uint16_t, see Elem).
+struct Half {};
+struct BFloat16 {};
 
 template <class T>
 struct Elem;
 
+// C: the compute type; S: how one element is stored (half types as their uint16_t bits, so that loads
+// and stores vectorise: GCC does not vectorise loads of a one-member struct).
 template <>
 struct Elem<float> {
     using C = float;
-    static C load(float v) { return v; }
-    static float store(C v) { return v; }
+    using S = float;
+    static C load(S v) { return v; }
+    static S store(C v) { return v; }
 };
 
 template <>
 struct Elem<double> {
     using C = double;
-    static C load(double v) { return v; }
-    static double store(C v) { return v; }
+    using S = double;
+    static C load(S v) { return v; }
+    static S store(C v) { return v; }
 };
 
-#if defined(__FLT16_MAX__)
-#define CROSSENT_HAVE_FLOAT16 1
+// IEEE half precision by integer arithmetic (branch-free, so it vectorises; compilers convert
+// _Float16 with scalar library calls unless the target has F16C, and some have no _Float16).
 template <>
 struct Elem<Half> {
     using C = float;
-    static C load(Half v) { return static_cast<float>(bits_as<_Float16>(v.bits)); }
-    static Half store(C v) { return Half{bits_as<uint16_t>(static_cast<_Float16>(v))}; }
+    using S = uint16_t;
+    static C load(S h) {
+        const uint32_t sign = (static_cast<uint32_t>(h) & 0x8000u) << 16;
+        const uint32_t magnitude = static_cast<uint32_t>(h) & 0x7FFFu;
+        // Shifted into float position, the half's exponent is 112 too small: one multiply by 2^112
+        // rebiases normal numbers and normalises subnormal ones exactly.
+        uint32_t bits = bits_as<uint32_t>(bits_as<float>(magnitude << 13) * 0x1p112f);
+        bits = magnitude >= 0x7C00u ? (bits | 0x7F800000u) : bits;  // inf and NaN keep all exponent bits
+        return bits_as<float>(bits | sign);
+    }
+    static S store(C f) {
+        const uint32_t x = bits_as<uint32_t>(f);
+        const uint32_t sign = (x >> 16) & 0x8000u;
+        const uint32_t ax = x & 0x7FFFFFFFu;
+        // Normal results: rebias the exponent and round the 13 dropped bits to nearest even.
+        const uint32_t normal = ((ax - 0x38000000u) + 0xFFFu + ((ax >> 13) & 1u)) >> 13;
+        // Subnormal results (|f| < 2^-14): adding 0.5 lets the float adder do the rounding.
+        const uint32_t subnormal = bits_as<uint32_t>(bits_as<float>(ax) + 0.5f) - 0x3F000000u;
+        uint32_t h = ax < 0x38800000u ? subnormal : normal;
+        h = ax >= 0x477FF000u ? 0x7C00u : h;  // 65520 and above round to inf
+        h = ax > 0x7F800000u ? 0x7E00u : h;   // NaN
+        return static_cast<uint16_t>(h | sign);
+    }
 };
-#endif
 
 template <>
 struct Elem<BFloat16> {
     using C = float;
-    static C load(BFloat16 v) { return bits_as<float>(static_cast<uint32_t>(v.bits) << 16); }
-    static BFloat16 store(C v) {
+    using S = uint16_t;
+    static C load(S v) { return bits_as<float>(static_cast<uint32_t>(v) << 16); }
+    static S store(C v) {
         // Round to nearest even on the 16 dropped bits; a NaN stays a (quiet) NaN.
         const uint32_t u = bits_as<uint32_t>(v);
         const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
         const uint32_t quiet_nan = (u >> 16) | 0x40u;
-        return BFloat16{static_cast<uint16_t>(v != v ? quiet_nan : rounded)};
+        return static_cast<uint16_t>(v != v ? quiet_nan : rounded);
     }
 };
 
 template <class T>
 using Compute = typename Elem<T>::C;
+template <class T>
+using Store = typename Elem<T>::S;
 
 // Per-call constants in the compute type.
 template <class C>
@@ -221,7 +245,7 @@ struct Consts {
 // x'_c: the logit after the optional soft cap s * tanh(x / s); `t` receives tanh(x / s) for the chain
 // rule (1 - t^2).
 template <class T, bool CAP>
-inline Compute<T> load_logit(const T* x, int64_t i, const Consts<Compute<T>>& k, Compute<T>& t) {
+inline Compute<T> load_logit(const Store<T>* x, int64_t i, const Consts<Compute<T>>& k, Compute<T>& t) {
     Compute<T> v = Elem<T>::load(x[i]);
     if constexpr (CAP) {
         t = vtanh(v * k.inv_cap);
@@ -374,7 +398,7 @@ inline RowTerms row_terms(const LossCall& call, const RowSums& S, double wy, dou
 // Classes contiguous: one row of C logits at x.
 
 template <class T, bool CAP>
-Compute<T> row_max(const T* x, int64_t n, const Consts<Compute<T>>& k) {
+Compute<T> row_max(const Store<T>* x, int64_t n, const Consts<Compute<T>>& k) {
     using C = Compute<T>;
     C m = -std::numeric_limits<C>::infinity();
 #pragma omp simd reduction(max : m)
@@ -412,7 +436,7 @@ inline int64_t chunk_size(int64_t n) { return std::max(kChunk, (n + kMaxChunks -
 // is rescaled by exp(old - new) whenever the maximum grows. With `e_out`, exp(x'_c - shift) is also
 // stored there (the gradient buffer), so the backward pass needs no second exponential.
 template <class T, bool CAP>
-void online_row(const T* x, int64_t n, const Consts<Compute<T>>& k, Compute<T>* e_out, Compute<T>* chunk_shift,
+void online_row(const Store<T>* x, int64_t n, const Consts<Compute<T>>& k, Compute<T>* e_out, Compute<T>* chunk_shift,
                 RowSums& S) {
     using C = Compute<T>;
     const C neg_inf = -std::numeric_limits<C>::infinity();
@@ -460,7 +484,7 @@ void online_row(const T* x, int64_t n, const Consts<Compute<T>>& k, Compute<T>* 
 // The sums that label smoothing and probability targets add, against the final maximum; the row is
 // in L2 by now.
 template <class T, bool CAP>
-void option_sums(const T* x, const T* t_row, const Compute<T>* w, int64_t n, const Consts<Compute<T>>& k,
+void option_sums(const Store<T>* x, const Store<T>* t_row, const Compute<T>* w, int64_t n, const Consts<Compute<T>>& k,
                  bool need_wx, RowSums& S) {
     using C = Compute<T>;
     const C m = static_cast<C>(S.m);
@@ -468,16 +492,16 @@ void option_sums(const T* x, const T* t_row, const Compute<T>* w, int64_t n, con
         S.wx = blocked_sum<C>(n, [&](int64_t c) {
             C t;
             const C d = load_logit<T, CAP>(x, c, k, t) - m;
-            return w ? w[c] * d : d;
+            return w[c] * d;
         });
     }
     if (t_row) {
         S.wtx = blocked_sum<C>(n, [&](int64_t c) {
             C t;
-            const C wt = (w ? w[c] : C(1)) * Elem<T>::load(t_row[c]);
+            const C wt = w[c] * Elem<T>::load(t_row[c]);
             return wt * (load_logit<T, CAP>(x, c, k, t) - m);
         });
-        S.wt = blocked_sum<C>(n, [&](int64_t c) { return (w ? w[c] : C(1)) * Elem<T>::load(t_row[c]); });
+        S.wt = blocked_sum<C>(n, [&](int64_t c) { return w[c] * Elem<T>::load(t_row[c]); });
     }
 }
 
@@ -485,13 +509,13 @@ void option_sums(const T* x, const T* t_row, const Compute<T>* w, int64_t n, con
 // For float and double the exponentials are already in `grad` (stored by online_row against each
 // chunk's shift); half types recompute them, since storing them in half precision would cost accuracy.
 template <class T, bool CAP>
-void row_gradient(const LossCall& call, const T* x, const T* t_row, const Compute<T>* w, const Consts<Compute<T>>& k,
-                  const RowSums& S, const RowTerms& R, const Compute<T>* chunk_shift, T* grad) {
+void row_gradient(const LossCall& call, const Store<T>* x, const Store<T>* t_row, const Compute<T>* w, const Consts<Compute<T>>& k,
+                  const RowSums& S, const RowTerms& R, const Compute<T>* chunk_shift, Store<T>* grad) {
     using C = Compute<T>;
     constexpr bool stored = std::is_same<T, C>::value;
     const int64_t n = call.layout.classes;
     if (!R.valid) {
-        const T zero = Elem<T>::store(C(0));
+        const Store<T> zero = Elem<T>::store(C(0));
         for (int64_t c = 0; c < n; ++c) grad[c] = zero;
         return;
     }
@@ -518,7 +542,7 @@ void row_gradient(const LossCall& call, const T* x, const T* t_row, const Comput
                     ec = vexp(load_logit<T, CAP>(x, c, k, t) - m);
                 }
                 const C target = (C(1) - eps) * Elem<T>::load(t_row[c]) + uniform;
-                C gc = ec * factor - B * (w ? w[c] : C(1)) * target;
+                C gc = ec * factor - B * w[c] * target;
                 if constexpr (CAP) gc *= (C(1) - t) * (C(1) + t);
                 grad[c] = Elem<T>::store(gc);
             }
@@ -533,7 +557,7 @@ void row_gradient(const LossCall& call, const T* x, const T* t_row, const Comput
                 } else {
                     ec = vexp(load_logit<T, CAP>(x, c, k, t) - m);
                 }
-                C gc = ec * factor - B * (w ? w[c] : C(1));
+                C gc = ec * factor - B * w[c];
                 if constexpr (CAP) gc *= (C(1) - t) * (C(1) + t);
                 grad[c] = Elem<T>::store(gc);
             }
@@ -543,7 +567,7 @@ void row_gradient(const LossCall& call, const T* x, const T* t_row, const Comput
     // The 1 of the one-hot, subtracted at the target class only, from a freshly computed p_y.
     C t;
     const C xy = load_logit<T, CAP>(x, R.y, k, t);
-    C gy = static_cast<C>(static_cast<double>(vexp(xy - m)) * A_over_s) - B * (w ? w[R.y] : C(1)) -
+    C gy = static_cast<C>(static_cast<double>(vexp(xy - m)) * A_over_s) - B * w[R.y] -
            static_cast<C>(R.fix);
     if constexpr (CAP) gy *= (C(1) - t) * (C(1) + t);
     grad[R.y] = Elem<T>::store(gy);
@@ -556,11 +580,18 @@ double cross_entropy_rows(const LossCall& call) {
     const Layout& L = call.layout;
     const int64_t rows = L.outer;
     const int64_t n = L.classes;
-    const T* x = static_cast<const T*>(call.x);
+    const Store<T>* x = static_cast<const Store<T>*>(call.x);
+    // Without class weights, a vector of ones: a `w ? w[c] : 1` in the loops compiles to a masked load
+    // from a null pointer, which some CPUs (AMD Zen) serve through a microcode assist, 10x slower.
+    std::vector<C> unit_weight;
     const C* w = static_cast<const C*>(call.weight);
+    if (w == nullptr) {
+        unit_weight.assign(static_cast<size_t>(n), C(1));
+        w = unit_weight.data();
+    }
     const bool probability = call.target_kind == TargetKind::probability;
-    const T* targets = probability ? static_cast<const T*>(call.target) : nullptr;
-    T* grad = static_cast<T*>(call.grad);
+    const Store<T>* targets = probability ? static_cast<const Store<T>*>(call.target) : nullptr;
+    Store<T>* grad = static_cast<Store<T>*>(call.grad);
     C* loss_rows = static_cast<C*>(call.loss_rows);
     const C* grad_rows = static_cast<const C*>(call.grad_rows);
     Consts<C> k;
@@ -568,8 +599,7 @@ double cross_entropy_rows(const LossCall& call) {
         k.cap = static_cast<C>(call.softcap);
         k.inv_cap = static_cast<C>(1.0 / call.softcap);
     }
-    double w_total = static_cast<double>(n);
-    if (w) w_total = blocked_sum<C>(n, [&](int64_t c) { return w[c]; });
+    const double w_total = blocked_sum<C>(n, [&](int64_t c) { return w[c]; });
     const bool need_wx = call.label_smoothing > 0;
 
     const double denom = call.reduction == Reduction::mean ? mean_denominator<C>(call) : 1.0;
@@ -587,15 +617,15 @@ double cross_entropy_rows(const LossCall& call) {
         double sum = 0.0;
         const int64_t r_end = std::min(rows, (item + 1) * kRowsPerItem);
         for (int64_t r = item * kRowsPerItem; r < r_end; ++r) {
-            const T* xr = x + r * n;
-            const T* tr = targets ? targets + r * n : nullptr;
-            T* gr = grad ? grad + r * n : nullptr;
+            const Store<T>* xr = x + r * n;
+            const Store<T>* tr = targets ? targets + r * n : nullptr;
+            Store<T>* gr = grad ? grad + r * n : nullptr;
             RowTerms R;
             double wy = 0.0;
             if (!probability) {
                 R.y = class_index(call, r);
                 R.valid = R.y != call.ignore_index && R.y >= 0 && R.y < n;
-                if (R.valid) wy = w ? static_cast<double>(w[R.y]) : 1.0;
+                if (R.valid) wy = static_cast<double>(w[R.y]);
             }
             RowSums S;
             if (R.valid) {
@@ -636,11 +666,18 @@ double cross_entropy_tiles(const LossCall& call) {
     const Layout& L = call.layout;
     const int64_t n = L.classes;
     const int64_t inner = L.inner;
-    const T* x = static_cast<const T*>(call.x);
+    const Store<T>* x = static_cast<const Store<T>*>(call.x);
+    // Without class weights, a vector of ones: a `w ? w[c] : 1` in the loops compiles to a masked load
+    // from a null pointer, which some CPUs (AMD Zen) serve through a microcode assist, 10x slower.
+    std::vector<C> unit_weight;
     const C* w = static_cast<const C*>(call.weight);
+    if (w == nullptr) {
+        unit_weight.assign(static_cast<size_t>(n), C(1));
+        w = unit_weight.data();
+    }
     const bool probability = call.target_kind == TargetKind::probability;
-    const T* targets = probability ? static_cast<const T*>(call.target) : nullptr;
-    T* grad = static_cast<T*>(call.grad);
+    const Store<T>* targets = probability ? static_cast<const Store<T>*>(call.target) : nullptr;
+    Store<T>* grad = static_cast<Store<T>*>(call.grad);
     C* loss_rows = static_cast<C*>(call.loss_rows);
     const C* grad_rows = static_cast<const C*>(call.grad_rows);
     Consts<C> k;
@@ -648,8 +685,7 @@ double cross_entropy_tiles(const LossCall& call) {
         k.cap = static_cast<C>(call.softcap);
         k.inv_cap = static_cast<C>(1.0 / call.softcap);
     }
-    double w_total = static_cast<double>(n);
-    if (w) w_total = blocked_sum<C>(n, [&](int64_t c) { return w[c]; });
+    const double w_total = blocked_sum<C>(n, [&](int64_t c) { return w[c]; });
     const bool need_wx = call.label_smoothing > 0;
     const C eps = static_cast<C>(call.label_smoothing);
     const C uniform = static_cast<C>(call.label_smoothing / static_cast<double>(n));
@@ -670,8 +706,8 @@ double cross_entropy_tiles(const LossCall& call) {
         const int64_t o = item / tiles_per_outer;
         const int64_t i0 = (item % tiles_per_outer) * kTile;
         const int64_t len = std::min(kTile, inner - i0);
-        const T* xo = x + o * n * inner + i0;  // x[o, c, i0 + l] = xo[c * inner + l]
-        const T* to = targets ? targets + o * n * inner + i0 : nullptr;
+        const Store<T>* xo = x + o * n * inner + i0;  // x[o, c, i0 + l] = xo[c * inner + l]
+        const Store<T>* to = targets ? targets + o * n * inner + i0 : nullptr;
         C m[kTile], part[kTile], A[kTile], B[kTile];
         double s_sum[kTile], wx[kTile], wtx[kTile], wt[kTile];
         for (int64_t l = 0; l < len; ++l) {
@@ -679,7 +715,7 @@ double cross_entropy_tiles(const LossCall& call) {
             s_sum[l] = wx[l] = wtx[l] = wt[l] = 0.0;
         }
         for (int64_t c = 0; c < n; ++c) {
-            const T* xc = xo + c * inner;
+            const Store<T>* xc = xo + c * inner;
 #pragma omp simd
             for (int64_t l = 0; l < len; ++l) m[l] = std::max(m[l], Elem<T>::load(xc[l]));
         }
@@ -707,16 +743,16 @@ double cross_entropy_tiles(const LossCall& call) {
             tile_sum(wx, [&](int64_t c, int64_t l) {
                 C t;
                 const C d = load_logit<T, CAP>(xo, c * inner + l, k, t) - m[l];
-                return w ? w[c] * d : d;
+                return w[c] * d;
             });
         }
         if (to) {
             tile_sum(wtx, [&](int64_t c, int64_t l) {
                 C t;
-                const C wtc = (w ? w[c] : C(1)) * Elem<T>::load(to[c * inner + l]);
+                const C wtc = w[c] * Elem<T>::load(to[c * inner + l]);
                 return wtc * (load_logit<T, CAP>(xo, c * inner + l, k, t) - m[l]);
             });
-            tile_sum(wt, [&](int64_t c, int64_t l) { return (w ? w[c] : C(1)) * Elem<T>::load(to[c * inner + l]); });
+            tile_sum(wt, [&](int64_t c, int64_t l) { return w[c] * Elem<T>::load(to[c * inner + l]); });
         }
         // Per position: gather the target's class, weight and logit (scalar loads), then the loss and
         // gradient coefficients in one SIMD loop (the log and divisions dominate at C ~ 20).
@@ -733,7 +769,7 @@ double cross_entropy_tiles(const LossCall& call) {
                 valid = yl != call.ignore_index && yl >= 0 && yl < n;
                 if (valid) {
                     y[l] = yl;
-                    wy[l] = w ? static_cast<double>(w[yl]) : 1.0;
+                    wy[l] = static_cast<double>(w[yl]);
                     C t;
                     xy[l] = static_cast<double>(load_logit<T, CAP>(xo, yl * inner + l, k, t) - m[l]);
                 }
@@ -762,13 +798,13 @@ double cross_entropy_tiles(const LossCall& call) {
         }
         partial[static_cast<size_t>(item)] = sum;
         if (!grad) continue;
-        T* go = grad + o * n * inner + i0;
+        Store<T>* go = grad + o * n * inner + i0;
         for (int64_t c = 0; c < n; ++c) {
-            const C wc = w ? w[c] : C(1);
-            const T* xc = xo + c * inner;
-            T* gc_out = go + c * inner;
+            const C wc = w[c];
+            const Store<T>* xc = xo + c * inner;
+            Store<T>* gc_out = go + c * inner;
             if (to) {
-                const T* tc = to + c * inner;
+                const Store<T>* tc = to + c * inner;
 #pragma omp simd
                 for (int64_t l = 0; l < len; ++l) {
                     C t = 0;
@@ -796,7 +832,7 @@ double cross_entropy_tiles(const LossCall& call) {
             C t;
             const int64_t at = y[l] * inner + l;
             const C x_at = load_logit<T, CAP>(xo, at, k, t);
-            C gy = vexp(x_at - m[l]) * A[l] - B[l] * (w ? w[y[l]] : C(1)) - static_cast<C>(fix[l]);
+            C gy = vexp(x_at - m[l]) * A[l] - B[l] * w[y[l]] - static_cast<C>(fix[l]);
             if constexpr (CAP) gy *= (C(1) - t) * (C(1) + t);
             go[at] = Elem<T>::store(gy);
         }
@@ -826,9 +862,7 @@ double cross_entropy(const LossCall& call) {
         case DType::bf16:
             return cross_entropy_typed<BFloat16>(call);
         case DType::f16:
-#if defined(CROSSENT_HAVE_FLOAT16)
             return cross_entropy_typed<Half>(call);
-#endif
         default:
             return std::numeric_limits<double>::quiet_NaN();
     }
@@ -842,7 +876,7 @@ double nll_typed(const LossCall& call) {
     using C = Compute<T>;
     const Layout& L = call.layout;
     const int64_t rows = L.outer * L.inner;
-    const T* x = static_cast<const T*>(call.x);
+    const Store<T>* x = static_cast<const Store<T>*>(call.x);
     const C* w = static_cast<const C*>(call.weight);
     C* loss_rows = static_cast<C*>(call.loss_rows);
     const double denom = call.reduction == Reduction::mean ? mean_denominator<C>(call) : 1.0;
@@ -885,9 +919,7 @@ double nll_loss(const LossCall& call) {
         case DType::bf16:
             return nll_typed<BFloat16>(call);
         case DType::f16:
-#if defined(CROSSENT_HAVE_FLOAT16)
             return nll_typed<Half>(call);
-#endif
         default:
             return std::numeric_limits<double>::quiet_NaN();
     }
@@ -901,8 +933,8 @@ void softmax_typed(const SoftmaxCall& call) {
     using C = Compute<T>;
     const Layout& L = call.layout;
     const int64_t n = L.classes, inner = L.inner;
-    const T* x = static_cast<const T*>(call.x);
-    T* out = static_cast<T*>(call.out);
+    const Store<T>* x = static_cast<const Store<T>*>(call.x);
+    Store<T>* out = static_cast<Store<T>*>(call.out);
     const Consts<C> k;
     const int64_t tiles_per_outer = (inner + kTile - 1) / kTile;
     const int64_t items = L.outer * tiles_per_outer;
@@ -912,7 +944,7 @@ void softmax_typed(const SoftmaxCall& call) {
         const int64_t o = item / tiles_per_outer;
         const int64_t i0 = (item % tiles_per_outer) * kTile;
         const int64_t len = std::min(kTile, inner - i0);
-        const T* xo = x + o * n * inner + i0;
+        const Store<T>* xo = x + o * n * inner + i0;
         if (inner == 1) {
             // Classes contiguous: one row.
             const C m = row_max<T, false>(xo, n, k);
@@ -921,7 +953,7 @@ void softmax_typed(const SoftmaxCall& call) {
                 out[o] = Elem<T>::store(static_cast<C>(static_cast<double>(m) + std::log(s)));
                 continue;
             }
-            T* oo = out + o * n;
+            Store<T>* oo = out + o * n;
             if (call.op == SoftmaxOp::log_softmax) {
                 const C log_s = static_cast<C>(std::log(s));
 #pragma omp simd
@@ -963,7 +995,7 @@ void softmax_typed(const SoftmaxCall& call) {
         }
         const bool log_op = call.op == SoftmaxOp::log_softmax;
         for (int64_t l = 0; l < len; ++l) scale[l] = static_cast<C>(log_op ? std::log(s[l]) : 1.0 / s[l]);
-        T* oo = out + o * n * inner + i0;
+        Store<T>* oo = out + o * n * inner + i0;
         for (int64_t c = 0; c < n; ++c) {
             if (log_op) {
 #pragma omp simd
@@ -989,9 +1021,7 @@ void softmax(const SoftmaxCall& call) {
         case DType::bf16:
             return softmax_typed<BFloat16>(call);
         case DType::f16:
-#if defined(CROSSENT_HAVE_FLOAT16)
             return softmax_typed<Half>(call);
-#endif
         default:
             return;
     }

@@ -42,10 +42,22 @@ def _sweep(rows: int, vocabularies: list[int], repeats: int) -> list[Case]:
     ]  # fmt: skip
 
 
+_MAIN_PEERS = ("crossent", "crossent-out", "crossent-1thread", "torch", "jax", "numpy", "floor")
+
 CASES: list[Case] = [
-    Case("4096x32768 f32", (4096, 32768)),
-    Case("4096x131072 bf16", (4096, 131072), dtype="bfloat16", peers=("crossent", "torch", "floor"), repeats=3),
-    Case("8x21x256x256 f32 (segmentation)", (8, 21, 256, 256)),
+    Case("4096x32768 f32", (4096, 32768), peers=_MAIN_PEERS),
+    Case(
+        "4096x131072 bf16",
+        (4096, 131072),
+        dtype="bfloat16",
+        peers=("crossent", "crossent-out", "torch", "floor"),
+        repeats=3,
+    ),
+    Case(
+        "8x21x256x256 f32 (segmentation)",
+        (8, 21, 256, 256),
+        peers=("crossent", "crossent-out", "torch", "jax", "floor"),
+    ),
     Case(
         "256x10 f32 (latency)", (256, 10), modes=("forward",), peers=("crossent", "torch", "jax", "numpy"), repeats=200
     ),
@@ -54,7 +66,7 @@ CASES: list[Case] = [
 
 # Under a minute on a 2-core machine: the same kinds of case, smaller.
 QUICK_CASES: list[Case] = [
-    Case("1024x32768 f32", (1024, 32768), repeats=3),
+    Case("1024x32768 f32", (1024, 32768), peers=_MAIN_PEERS, repeats=3),
     Case("2x21x256x256 f32 (segmentation)", (2, 21, 256, 256), repeats=3),
     Case(
         "256x10 f32 (latency)", (256, 10), modes=("forward",), peers=("crossent", "torch", "jax", "numpy"), repeats=100
@@ -107,7 +119,7 @@ def _available_memory() -> int:
 
 # Bytes a peer holds at once, in multiples of the logits (input, log-softmax or softmax, gradients):
 # a peer that would not fit in the memory left is reported as skipped rather than pushed into swap.
-_FOOTPRINT = {"crossent": 2, "numpy": 4, "torch": 5, "jax": 5, "floor": 2}
+_FOOTPRINT = {"crossent": 2, "crossent-out": 2, "crossent-1thread": 2, "numpy": 4, "torch": 5, "jax": 5, "floor": 2}
 
 
 def _make_inputs(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -123,6 +135,29 @@ def _crossent(x: np.ndarray, y: np.ndarray, mode: str) -> Callable[[], Any]:
     if mode == "forward":
         return lambda: crossent.cross_entropy(x, y)
     return lambda: crossent.cross_entropy_and_grad(x, y)
+
+
+def _crossent_reusing_gradient(x: np.ndarray, y: np.ndarray, mode: str) -> Callable[[], Any]:
+    """crossent with ``out=``: the gradient buffer of a training loop, allocated once (as the floor's is)."""
+    if mode == "forward":
+        return lambda: crossent.cross_entropy(x, y)
+    buffer = np.empty_like(x)
+    return lambda: crossent.cross_entropy_and_grad(x, y, out=buffer)
+
+
+def _crossent_one_thread(x: np.ndarray, y: np.ndarray, mode: str) -> Callable[[], Any]:
+    """crossent on one thread, for the thread-scaling ratio (the result is bitwise the same)."""
+    inner = _crossent_reusing_gradient(x, y, mode)
+
+    def run() -> Any:
+        previous = crossent.get_num_threads()
+        crossent.set_num_threads(1)
+        try:
+            return inner()
+        finally:
+            crossent.set_num_threads(previous)
+
+    return run
 
 
 def _numpy_notebook(x: np.ndarray, y: np.ndarray, mode: str) -> Callable[[], Any]:
@@ -192,13 +227,18 @@ def _jax(x: np.ndarray, y: np.ndarray, mode: str) -> Callable[[], Any]:
 
 def _floor(x: np.ndarray, y: np.ndarray, mode: str) -> Callable[[], Any]:
     if mode == "forward":
-        return lambda: np.max(x)  # one read of the logits, no write
+        # One read of the logits, no write. Half types are read as their uint16 bits: NumPy has no
+        # vectorised max for ml_dtypes' bfloat16, and the floor is about bytes, not arithmetic.
+        bits = x.view(np.uint16) if x.dtype.itemsize == 2 else x
+        return lambda: np.max(bits)
     dst = np.empty_like(x)
     return lambda: np.copyto(dst, x)  # one read and one write of the same bytes, into a warm buffer
 
 
 _PEERS: dict[str, Callable[[np.ndarray, np.ndarray, str], Callable[[], Any]]] = {
     "crossent": _crossent,
+    "crossent-out": _crossent_reusing_gradient,
+    "crossent-1thread": _crossent_one_thread,
     "torch": _torch,
     "jax": _jax,
     "numpy": _numpy_notebook,
@@ -253,9 +293,17 @@ def ratio_rows(results: list[Result]) -> list[dict[str, Any]]:
             if impl == "crossent":
                 continue
             row[f"{impl}_s"] = seconds
-            if ours and seconds:
+            if impl == "crossent-1thread":
+                # The thread speed-up: one thread against all, both writing into a reused buffer.
+                baseline = timed.get("crossent-out")
+                if baseline and seconds:
+                    row[f"{impl}_ratio"] = seconds / baseline
+            elif ours and seconds:
                 # For the floor the ratio reads the other way: crossent's time in multiples of the floor.
                 row[f"{impl}_ratio"] = ours / seconds if impl == "floor" else seconds / ours
+        reused, floor = timed.get("crossent-out"), timed.get("floor")
+        if reused and floor:
+            row["crossent-out_floor_ratio"] = reused / floor  # crossent with out= in multiples of the floor
         rows.append(row)
     return rows
 
@@ -287,12 +335,13 @@ def machine_metadata() -> dict[str, Any]:
     return meta
 
 
-_TABLE_PEERS = ("torch", "jax", "numpy", "floor")
+_TABLE_PEERS = ("torch", "jax", "numpy", "floor", "crossent-out", "crossent-1thread")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Times and ratios as aligned text: 'peer time (ratio)' per column."""
     header = f"{'case':<34} {'mode':<17} {'crossent':>10}" + "".join(f" {p:>17}" for p in _TABLE_PEERS)
+    header += f" {'out= vs floor':>14}"
     lines = [header, "-" * len(header)]
     for row in rows:
         cells = []
@@ -303,8 +352,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             else:
                 cells.append(f" {seconds * 1e3:>8.2f}ms {ratio:>5.2f}x" if ratio else f" {seconds * 1e3:>10.2f}ms")
         ours = row["crossent_s"]
+        out_floor = row.get("crossent-out_floor_ratio")
+        cells.append(f" {out_floor:>13.2f}x" if out_floor else f" {'-':>14}")
         lines.append(f"{row['case']:<34} {row['mode']:<17} {ours * 1e3:>8.3f}ms" + "".join(cells))
-    lines.append("torch, jax, numpy: their time / crossent's (> 1: crossent is faster); floor: crossent's / floor's")
+    lines.append(
+        "peer columns: their time and their time / crossent's (> 1: crossent is faster); crossent-1thread: one "
+        "thread's time / all threads' (both with out=); floor: crossent's time / the floor's; out= vs floor: "
+        "crossent reusing its gradient buffer / the floor"
+    )
     return "\n".join(lines)
 
 
