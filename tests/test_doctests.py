@@ -7,7 +7,13 @@ import importlib
 
 import pytest
 
-MODULES = ["crossent._functional", "crossent._modules"]
+MODULES = [
+    "crossent._functional",
+    "crossent._modules",
+    "crossent._config",
+    "crossent.torch._functional",
+    "crossent.torch._linear",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

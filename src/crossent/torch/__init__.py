@@ -1,0 +1,19 @@
+"""crossent for PyTorch: a drop-in ``cross_entropy`` with autograd and ``torch.compile`` support, and
+the fused linear + cross-entropy loss for large vocabularies. Import it on purpose:
+``import crossent.torch`` (``import crossent`` never imports torch).
+"""
+
+from ._functional import cross_entropy, nll_loss
+from ._linear import linear_cross_entropy
+from ._modules import CrossEntropyLoss, LinearCrossEntropyLoss, NLLLoss
+from ._ops import use_torch_ops
+
+__all__ = [
+    "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
+    "NLLLoss",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "nll_loss",
+    "use_torch_ops",
+]

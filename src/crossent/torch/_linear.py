@@ -1,0 +1,257 @@
+"""The output layer fused with the loss: cross_entropy(input @ W.T + b, target) without the N x V logits.
+
+Rows are processed in chunks: for each, the chunk's logits (rows x V) are computed, the loss and
+d(loss)/d(logits) come from the fused kernel (CPU) or the torch-ops path, and the chunk's share of the
+gradients is accumulated at once: dx = dlogits @ W, dW += dlogits.T @ x (in float32), db += sum(dlogits).
+Only the chunk's logits and their gradient are ever held. Ignored rows are dropped before the matmul.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import _native, _validate
+from .._validate import LossOptions, LossShape
+from ._ops import _as_tensor, _numpy_view, _state, _torch_loss_and_grad
+
+# Memory budget of one chunk: its logits and their gradient (rows x V each) plus float32 scratch.
+# 64 MiB keeps the extra memory a few percent of the naive N x V logits at LLM sizes; chunks of fewer
+# than 128 rows would make each matmul re-read W (V x D) for too little work, so that is the floor.
+_CHUNK_BUDGET_BYTES = 64 << 20
+_MIN_CHUNK_ROWS = 128
+
+
+def _chunk_rows(n_classes: int, itemsize: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        return chunk_size
+    per_row = n_classes * (2 * itemsize + 4)  # logits + gradient in the input dtype + float32 scratch
+    return max(_MIN_CHUNK_ROWS, _CHUNK_BUDGET_BYTES // per_row)
+
+
+def _chunk_loss_and_grad(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, opts: LossOptions, out: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row loss and d(loss_row)/d(logits) of a (rows, V) chunk, for a unit upstream gradient."""
+    shape = LossShape(1, logits.shape[1], (logits.shape[0],), target.is_floating_point())
+    want_grad = out is not None
+    if _native.extension is not None and logits.device.type == "cpu" and not _state["torch_ops"]:
+        x, t = _numpy_view(logits), _numpy_view(target.contiguous())
+        if x is not None and t is not None and _native.supports(x):
+            w = None if weight is None else _numpy_view(weight)
+            if want_grad:
+                assert out is not None
+                buffer = _numpy_view(out)
+                ones = np.ones(logits.shape[0], dtype=np.float64 if x.dtype == np.float64 else np.float32)
+                loss, _ = _native.KERNEL.cross_entropy_and_grad(x, t, w, shape, opts, ones, out=buffer)
+                return _as_tensor(loss, logits.dtype), out
+            return _as_tensor(_native.KERNEL.cross_entropy(x, t, w, shape, opts), logits.dtype), None
+    loss, grad = _torch_loss_and_grad(logits, target, weight, shape, opts, want_grad)
+    if want_grad:
+        assert out is not None and grad is not None
+        out.copy_(grad)
+    return loss, out
+
+
+def _sweep(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    b: torch.Tensor | None,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    opts: LossOptions,
+    rows: torch.Tensor,
+    chunk: int,
+    upstream: torch.Tensor | None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]:
+    """One pass over the counted rows: per-row losses, and with ``upstream`` (per row) the gradients."""
+    n, d = x.shape
+    v = W.shape[0]
+    per_row = torch.zeros(n, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+    grads = None
+    if upstream is not None:
+        dx = torch.zeros_like(x)
+        dW = torch.zeros(v, d, dtype=torch.float32 if W.dtype != torch.float64 else torch.float64, device=W.device)
+        db = None if b is None else torch.zeros(v, dtype=dW.dtype, device=W.device)
+        scratch = torch.empty(min(chunk, max(1, rows.numel())), v, dtype=x.dtype, device=x.device)
+    for start in range(0, rows.numel(), chunk):
+        idx = rows[start : start + chunk]
+        x_c = x.index_select(0, idx)  # (r, D)
+        logits = torch.nn.functional.linear(x_c, W, b)  # (r, V)
+        out = scratch[: idx.numel()] if upstream is not None else None
+        loss_c, dlogits = _chunk_loss_and_grad(logits, target.index_select(0, idx), weight, opts, out)
+        per_row.index_copy_(0, idx, loss_c.to(per_row.dtype))
+        if upstream is not None:
+            assert dlogits is not None
+            dlogits = dlogits * upstream.index_select(0, idx).to(dlogits.dtype).unsqueeze(1)  # (r, V)
+            dx.index_copy_(0, idx, (dlogits @ W).to(dx.dtype))
+            dW.addmm_(dlogits.t().to(dW.dtype), x_c.to(dW.dtype))  # float32 accumulation over chunks
+            if db is not None:
+                db += dlogits.sum(0, dtype=db.dtype)
+            grads = (dx, dW, db)
+    return per_row, grads
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x, W, b, target, weight, normalizer, opts: LossOptions, chunk: int):
+        probability = target.is_floating_point()
+        if probability:
+            rows = torch.arange(x.shape[0], device=x.device)
+        else:
+            rows = torch.nonzero(target != opts.ignore_index).squeeze(1)  # ignored rows never reach the matmul
+        acc = torch.float64
+        if opts.reduction == "mean":
+            if normalizer is not None:
+                denom = normalizer.to(acc)
+            elif probability:
+                denom = torch.tensor(float(x.shape[0]), dtype=acc, device=x.device)
+            else:
+                w_y = (
+                    torch.ones(rows.numel(), dtype=acc, device=x.device)
+                    if weight is None
+                    else weight.to(acc)[target[rows]]
+                )
+                denom = w_y.sum()
+            scale = (
+                torch.where(denom == 0, torch.zeros_like(denom), 1.0 / denom)
+                if opts.zero_if_all_ignored
+                else 1.0 / denom
+            )
+        else:
+            denom = scale = torch.ones((), dtype=acc, device=x.device)
+        needs = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        upstream = None
+        if needs and opts.reduction != "none":
+            # A scalar upstream gradient: the gradients are computed now and scaled in backward.
+            upstream = scale.to(torch.float32).expand(x.shape[0])
+        row_opts = dataclasses.replace(opts, reduction="none", normalizer=None, zero_if_all_ignored=False)
+        per_row, grads = _sweep(x, W, b, target, weight, row_opts, rows, chunk, upstream)
+        ctx.row_opts, ctx.chunk = row_opts, chunk
+        ctx.has_bias = b is not None
+        if grads is not None:
+            ctx.save_for_backward(*[g for g in grads if g is not None])
+            ctx.mode = "precomputed"
+        else:
+            ctx.save_for_backward(x, W, *(t for t in (b,) if t is not None), target, rows,
+                                  *(t for t in (weight,) if t is not None))  # fmt: skip
+            ctx.has_weight = weight is not None
+            ctx.mode = "recompute"
+        if opts.reduction == "none":
+            return per_row.to(x.dtype)
+        total = per_row.to(acc).sum()
+        if opts.reduction == "sum":
+            return total.to(x.dtype)
+        loss = total / denom
+        if opts.zero_if_all_ignored:
+            loss = torch.where(denom == 0, torch.zeros_like(loss), loss)
+        return loss.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor):
+        if ctx.mode == "precomputed":
+            saved = list(ctx.saved_tensors)
+            dx, dW = saved[0], saved[1]
+            db = saved[2] if ctx.has_bias else None
+            g = grad_loss.to(torch.float32)
+            return (dx * g.to(dx.dtype), dW * g, None if db is None else db * g, None, None, None, None, None)
+        saved = list(ctx.saved_tensors)
+        x, W = saved[0], saved[1]
+        b = saved[2] if ctx.has_bias else None
+        rest = saved[3:] if ctx.has_bias else saved[2:]
+        target, rows = rest[0], rest[1]
+        weight = rest[2] if ctx.has_weight else None
+        _, grads = _sweep(x, W, b, target, weight, ctx.row_opts, rows, ctx.chunk, grad_loss.to(torch.float32))
+        assert grads is not None
+        dx, dW, db = grads
+        return dx, dW, db, None, None, None, None, None
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    options: Any = None,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    zero_if_all_ignored: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    r"""``cross_entropy(input @ linear_weight.T + linear_bias, target)`` without materialising the logits.
+
+    Argument-compatible with ``torch.nn.functional.linear_cross_entropy`` (its ``options`` may carry a
+    ``batch_chunk_size``), plus crossent's loss options. Gradients flow to ``input``, ``linear_weight``
+    and ``linear_bias``; the weight gradient is accumulated in float32. For ``mean`` and ``sum`` the
+    gradients are computed in the forward sweep (one pass over the data); for ``none`` the backward
+    recomputes the chunks' logits with the per-row upstream gradient.
+
+    Parameters
+    ----------
+    input : Tensor, shape (..., D)
+    linear_weight : Tensor, shape (V, D)
+    target : Tensor, shape (...) of class indices, or (..., V) of class probabilities
+    chunk_size : int, optional
+        Rows per chunk; by default derived from a 64 MiB budget for one chunk's logits and gradient.
+
+    Examples
+    --------
+    >>> import torch, crossent.torch as ct
+    >>> x, W = torch.randn(6, 4), torch.randn(10, 4)
+    >>> y = torch.tensor([1, 2, 3, -100, 0, 9])
+    >>> fused = ct.linear_cross_entropy(x, W, y)
+    >>> naive = torch.nn.functional.cross_entropy(x @ W.T, y)
+    >>> bool(torch.allclose(fused, naive, atol=1e-6))
+    True
+    """
+    if ignore_index is None:
+        ignore_index = -100  # torch's linear_cross_entropy: None means cross_entropy's default
+    opts = _validate.loss_options(
+        reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap, normalizer=normalizer, zero_if_all_ignored=zero_if_all_ignored,
+    )  # fmt: skip
+    if linear_weight.ndim != 2:
+        raise ValueError(f"linear_weight must have shape (V, D), got {tuple(linear_weight.shape)}")
+    n_classes, in_features = linear_weight.shape
+    if input.shape[-1] != in_features:
+        raise ValueError(
+            f"input's last dimension {input.shape[-1]} does not match linear_weight's in_features {in_features}"
+        )
+    if linear_bias is not None and tuple(linear_bias.shape) != (n_classes,):
+        raise ValueError(f"linear_bias must have shape ({n_classes},), got {tuple(linear_bias.shape)}")
+    if options is not None and chunk_size is None:
+        chunk_size = getattr(options, "batch_chunk_size", None)
+    if chunk_size is not None:
+        chunk_size = _validate.check_int(chunk_size, "chunk_size")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    batch = tuple(input.shape[:-1])
+    x2 = input.reshape(-1, in_features)
+    probability = target.is_floating_point()
+    expected_target = (*batch, n_classes) if probability else batch
+    if tuple(target.shape) != expected_target:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match input: expected {expected_target}")
+    t2 = target.reshape(-1, n_classes) if probability else target.reshape(-1)
+    if weight is not None:
+        import array_api_compat.torch as xp_torch
+
+        _validate.check_weight(xp_torch, weight, n_classes)
+    if not probability:
+        import array_api_compat.torch as xp_torch
+
+        _validate.check_class_indices(xp_torch, t2, n_classes, opts.ignore_index)
+    norm = opts.normalizer
+    if norm is not None and not isinstance(norm, torch.Tensor):
+        norm = torch.tensor(float(norm), dtype=torch.float64, device=input.device)
+    chunk = _chunk_rows(n_classes, input.element_size(), chunk_size)
+    loss = _LinearCrossEntropy.apply(x2, linear_weight, linear_bias, t2, weight, norm, opts, chunk)
+    return loss.reshape(batch) if opts.reduction == "none" else loss

@@ -1,0 +1,237 @@
+"""The cross-entropy custom op: what runs, its fake (meta) implementation and its autograd formula.
+
+``crossent::cross_entropy`` returns the loss and, when the input needs a gradient, d(loss)/d(input)
+computed in the same sweep (the upstream gradient is applied in backward, as a scale). CPU tensors run
+the native kernel on zero-copy NumPy views; other devices, or every device when ``use_torch_ops`` is
+on, run the Array-API reference on row chunks, so that no temporary is larger than one chunk.
+"""
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import array_api_compat.torch as xp_torch
+import numpy as np
+import torch
+
+from .. import _native, _reference, _validate
+from .._validate import LossOptions, LossShape
+
+_state = {"torch_ops": False}
+
+
+@contextlib.contextmanager
+def use_torch_ops(enabled: bool = True) -> Iterator[None]:
+    """Run the torch-ops implementation even for CPU tensors (the tests compare it with the kernel)."""
+    previous = _state["torch_ops"]
+    _state["torch_ops"] = enabled
+    try:
+        yield
+    finally:
+        _state["torch_ops"] = previous
+
+
+# Elements per chunk of the torch-ops path: its temporaries (float32 logits, probabilities, one-hot)
+# are a few times this, 2^22 elements = 16 MiB of float32 each, small next to any input worth chunking.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _numpy_view(t: torch.Tensor) -> np.ndarray | None:
+    """A zero-copy NumPy view of a CPU tensor, or None for a dtype NumPy cannot hold."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        try:
+            import ml_dtypes
+        except ImportError:
+            return None
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _native_loss_and_grad(
+    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, shape: LossShape, opts: LossOptions,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:  # fmt: skip
+    if _native.extension is None or input.device.type != "cpu" or _state["torch_ops"]:
+        return None
+    x = _numpy_view(input.contiguous())
+    if x is None or not _native.supports(x):
+        return None
+    t = _numpy_view(target.contiguous())
+    w = None if weight is None else _numpy_view(weight)
+    ones = np.ones(shape.batch_shape, dtype=np.float64 if x.dtype == np.float64 else np.float32)
+    go = ones if opts.reduction == "none" else None
+    if compute_grad:
+        loss, grad = _native.KERNEL.cross_entropy_and_grad(x, t, w, shape, opts, go)
+        return _as_tensor(loss, input.dtype), _as_tensor(grad, input.dtype)
+    return _as_tensor(_native.KERNEL.cross_entropy(x, t, w, shape, opts), input.dtype), None
+
+
+def _as_tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor over a NumPy result; 16-bit floats travel as their bits (NumPy has no bfloat16)."""
+    a = a if a.flags.c_contiguous else a.copy()  # not ascontiguousarray: it turns 0-d into 1-d
+    if a.dtype.itemsize == 2:
+        return torch.from_numpy(a.view(np.int16)).view(dtype)
+    return torch.from_numpy(a)
+
+
+def _torch_loss_and_grad(
+    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, shape: LossShape, opts: LossOptions,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """The reference, on chunks of the first batch axis; per-element losses are reduced here."""
+    per_row = dataclasses.replace(opts, reduction="none", normalizer=None, zero_if_all_ignored=False)
+    acc = torch.float64 if input.device.type != "mps" else torch.float32
+    axis = shape.class_axis
+    # The mean's denominator (and so the upstream gradient per element) comes first: it is a scalar
+    # over the whole batch, while the chunks see only part of it. A tensor: no host synchronisation.
+    if opts.reduction == "mean":
+        if opts.normalizer is not None:
+            denom = torch.as_tensor(opts.normalizer, dtype=acc, device=input.device)
+        elif shape.probability_target:
+            denom = torch.tensor(float(math.prod(shape.batch_shape)), dtype=acc, device=input.device)
+        else:
+            valid = target != opts.ignore_index
+            if weight is None:
+                denom = valid.sum(dtype=acc)
+            else:
+                safe = torch.where(valid, target, 0).long()
+                denom = torch.where(valid, weight.to(acc)[safe], 0).sum()
+        scale = 1.0 / denom
+        if opts.zero_if_all_ignored:
+            scale = torch.where(denom == 0, torch.zeros_like(scale), scale)
+    else:
+        denom = torch.ones((), dtype=acc, device=input.device)
+        scale = denom
+    batched = input.ndim >= 2 and axis != 0
+    chunks: list[Any] = [Ellipsis]  # the whole input (an unbatched target is 0-d: no slicing)
+    if batched and input.numel() > _CHUNK_ELEMENTS:
+        rows = max(1, _CHUNK_ELEMENTS * input.shape[0] // input.numel())
+        chunks = [slice(i, i + rows) for i in range(0, input.shape[0], rows)]
+    grad = torch.empty_like(input) if compute_grad else None
+    losses = []
+    for part in chunks:
+        x_c, t_c = input[part], target[part]
+        shape_c = dataclasses.replace(shape, batch_shape=tuple(x_c.shape[:axis]) + tuple(x_c.shape[axis + 1 :]))
+        g_c = scale.to(torch.float32 if input.dtype != torch.float64 else torch.float64).expand(shape_c.batch_shape)
+        if compute_grad:
+            loss_c, grad_c = _reference.cross_entropy_and_grad(xp_torch, x_c, t_c, weight, shape_c, per_row, g_c)
+            assert grad is not None
+            grad[part] = grad_c
+        else:
+            loss_c = _reference.cross_entropy(xp_torch, x_c, t_c, weight, shape_c, per_row)
+        losses.append(loss_c)
+    per_element = torch.cat([loss.reshape(-1) for loss in losses]).reshape(shape.batch_shape)
+    if opts.reduction == "none":
+        return per_element, grad
+    total = per_element.to(acc).sum()
+    loss = total if opts.reduction == "sum" else total / denom
+    if opts.reduction == "mean" and opts.zero_if_all_ignored:
+        loss = torch.where(denom == 0, torch.zeros_like(loss), loss)
+    return loss.to(input.dtype), grad
+
+
+def _options(
+    ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: float,
+    normalizer: torch.Tensor | None, zero_if_all_ignored: bool,
+) -> LossOptions:  # fmt: skip
+    return LossOptions(
+        reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap if softcap > 0 else None, normalizer=normalizer, zero_if_all_ignored=zero_if_all_ignored,
+    )  # fmt: skip
+
+
+def _shape(input: torch.Tensor, target: torch.Tensor, class_axis: int) -> LossShape:
+    shape = tuple(input.shape)
+    return LossShape(
+        class_axis=class_axis,
+        n_classes=shape[class_axis],
+        batch_shape=shape[:class_axis] + shape[class_axis + 1 :],
+        probability_target=target.is_floating_point(),
+    )
+
+
+@torch.library.custom_op("crossent::cross_entropy", mutates_args=())
+def cross_entropy_op(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],  # noqa: UP045 (torch.library reads these annotations at run time)
+    normalizer: Optional[torch.Tensor],  # noqa: UP045
+    class_axis: int,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    zero_if_all_ignored: bool,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, d(loss)/d(input) for a unit upstream gradient per element; empty without compute_grad)."""
+    shape = _shape(input, target, class_axis)
+    opts = _options(ignore_index, reduction, label_smoothing, z_loss, softcap, normalizer, zero_if_all_ignored)
+    if not shape.probability_target and input.device.type == "cpu":
+        # Reading target values is free on the CPU; on an accelerator it would synchronise the host.
+        _validate.check_class_indices(xp_torch, target, shape.n_classes, ignore_index)
+    if opts.normalizer is not None and input.device.type == "cpu" and not _state["torch_ops"]:
+        opts = dataclasses.replace(opts, normalizer=float(opts.normalizer))
+    result = _native_loss_and_grad(input, target, weight, shape, opts, compute_grad)
+    if result is None:
+        result = _torch_loss_and_grad(input, target, weight, shape, opts, compute_grad)
+    loss, grad = result
+    return loss.clone() if loss._base is not None else loss, grad if grad is not None else input.new_empty(0)
+
+
+@cross_entropy_op.register_fake
+def _(input, target, weight, normalizer, class_axis, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      zero_if_all_ignored, compute_grad):  # fmt: skip
+    batch = tuple(input.shape[:class_axis]) + tuple(input.shape[class_axis + 1 :])
+    loss = input.new_empty(batch if reduction == "none" else ())
+    grad = input.new_empty(input.shape) if compute_grad else input.new_empty(0)
+    return loss, grad
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    input, target, weight, normalizer, class_axis, ignore_index, reduction, label_smoothing, *_ = inputs
+    ctx.class_axis = class_axis
+    ctx.reduction = reduction
+    ctx.label_smoothing = label_smoothing
+    ctx.ignore_index = ignore_index
+    ctx.z_loss, ctx.softcap = inputs[8], inputs[9]
+    ctx.save_for_backward(output[1], input, target, weight, normalizer)
+
+
+def _backward(ctx: Any, grad_loss: torch.Tensor, _grad_of_grad: torch.Tensor) -> tuple[Any, ...]:
+    grad, input, target, weight, normalizer = ctx.saved_tensors
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        if grad.numel() != input.numel():
+            raise RuntimeError("crossent: the forward pass did not compute the gradient (input did not require it)")
+        upstream = grad_loss.unsqueeze(ctx.class_axis) if ctx.reduction == "none" else grad_loss
+        grad_input = (grad * upstream).to(input.dtype)
+    grad_target = None
+    if ctx.needs_input_grad[1] and target.is_floating_point():
+        grad_target = _probability_target_grad(ctx, grad_loss, input, target, weight, normalizer)
+    return grad_input, grad_target, None, None, None, None, None, None, None, None, None, None
+
+
+def _probability_target_grad(ctx: Any, grad_loss, input, target, weight, normalizer) -> torch.Tensor:
+    """d(loss)/d(target) = -(1 - eps) * w_c * log_softmax(x')_c * upstream, as torch's autograd gives it."""
+    axis = ctx.class_axis
+    x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+    if ctx.softcap > 0:
+        x = ctx.softcap * torch.tanh(x / ctx.softcap)
+    log_probs = torch.log_softmax(x, dim=axis)
+    if weight is not None:
+        view = [1] * input.ndim
+        view[axis] = -1
+        log_probs = log_probs * weight.to(log_probs.dtype).view(view)
+    upstream = grad_loss.unsqueeze(axis) if ctx.reduction == "none" else grad_loss
+    if ctx.reduction == "mean":
+        denom = normalizer if normalizer is not None else math.prod(input.shape) // input.shape[axis]
+        upstream = upstream / denom
+    return (-(1 - ctx.label_smoothing) * log_probs * upstream).to(target.dtype)
+
+
+cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)

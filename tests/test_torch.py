@@ -1,0 +1,250 @@
+"""crossent.torch against torch.nn.functional: values and gradients, the native and the torch-ops path,
+torch.compile without graph breaks, the modules, and the fused linear + cross-entropy."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+ct = pytest.importorskip("crossent.torch")
+
+PATHS = ["native", "torch-ops"]
+
+
+def _path(name):
+    return ct.use_torch_ops(name == "torch-ops")
+
+
+def _problem(shape, class_axis, dtype, *, probability, ignore, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+    n_classes = shape[class_axis]
+    if probability:
+        t = torch.rand(*shape, generator=g, dtype=torch.float64)
+        target = (t / t.sum(class_axis, keepdim=True)).to(dtype)
+    else:
+        batch = shape[:class_axis] + shape[class_axis + 1 :]
+        target = torch.randint(0, n_classes, batch, generator=g)
+        if ignore:
+            target[torch.rand(batch, generator=g) < 0.3] = -100
+    return x, target
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((13, 7), None), ((3, 5, 4, 2), None), ((7,), None), ((2, 6, 9), -1)], ids=str
+)
+@pytest.mark.parametrize(
+    ("reduction", "weighted", "label_smoothing", "probability"),
+    list(itertools.product(["mean", "sum", "none"], [False, True], [0.0, 0.2], [False, True])),
+)
+def test_drop_in_matches_torch(path, dtype, shape, axis, reduction, weighted, label_smoothing, probability):
+    class_axis = (0 if len(shape) == 1 else 1) if axis is None else axis % len(shape)
+    x, target = _problem(shape, class_axis, dtype, probability=probability, ignore=True)
+    w = torch.rand(shape[class_axis], dtype=dtype) + 0.1 if weighted else None
+    kw = {"reduction": reduction, "label_smoothing": label_smoothing}
+    x_ours = x.clone().requires_grad_(True)
+    x_theirs = x.clone().requires_grad_(True)
+    with _path(path):
+        ours = ct.cross_entropy(x_ours, target, w, axis=axis, **kw)
+    moved = x_theirs if axis is None else torch.movedim(x_theirs, axis, 1)
+    t_moved = target if axis is None or not probability else torch.movedim(target, axis, 1)
+    theirs = F.cross_entropy(moved, t_moved, w, **kw)
+    upstream = torch.rand(ours.shape, dtype=dtype) if reduction == "none" else torch.tensor(0.7, dtype=dtype)
+    ours.backward(upstream)
+    theirs.backward(upstream)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-10, "rtol": 1e-10}
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs, **tol, equal_nan=True)
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad, **tol)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_extras_match_torch_primitives(path):
+    x, y = _problem((9, 11), 1, torch.float64, probability=False, ignore=True)
+    xo, xt = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with _path(path):
+        ours = ct.cross_entropy(xo, y, z_loss=0.01, softcap=3.0, normalizer=5.0)
+    capped = 3.0 * torch.tanh(xt / 3.0)
+    per = F.cross_entropy(capped, y, reduction="none") + torch.where(y != -100, 0.01 * capped.logsumexp(1) ** 2, 0.0)
+    theirs = per.sum() / 5.0
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(xo.grad, xt.grad)
+
+
+def test_native_and_torch_ops_paths_agree_in_half_precision():
+    x, y = _problem((64, 300), 1, torch.bfloat16, probability=False, ignore=True)
+    results = []
+    for path in PATHS:
+        xx = x.clone().requires_grad_(True)
+        with _path(path):
+            loss = ct.cross_entropy(xx, y, label_smoothing=0.1)
+        loss.backward()
+        assert loss.dtype == torch.bfloat16 and xx.grad.dtype == torch.bfloat16
+        results.append((loss.float(), xx.grad.float()))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-4, rtol=2e-2)
+    exact = F.cross_entropy(x.double(), y, label_smoothing=0.1)
+    torch.testing.assert_close(results[0][0].double(), exact, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gradients_flow_to_probability_targets_like_torch(path):
+    x, t = _problem((5, 6), 1, torch.float64, probability=True, ignore=False)
+    w = torch.rand(6, dtype=torch.float64)
+    to, tt = t.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    with _path(path):
+        ours = ct.cross_entropy(x, to, w, label_smoothing=0.3)
+    theirs = F.cross_entropy(x, tt, w, label_smoothing=0.3)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(to.grad, tt.grad)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gradcheck_in_float64(path):
+    x = torch.randn(4, 5, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([[0, 4, -100], [1, 1, 2], [3, 0, 4], [2, -100, 1]])
+    w = torch.rand(5, dtype=torch.float64)
+    with _path(path):
+        assert torch.autograd.gradcheck(lambda x: ct.cross_entropy(x, y, w, label_smoothing=0.1, z_loss=1e-2), (x,))
+        assert torch.autograd.gradcheck(lambda x: ct.cross_entropy(x, y, reduction="none", softcap=2.0), (x,))
+
+
+def test_compile_fullgraph_traces_a_model_without_graph_breaks():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    loss_fn = ct.CrossEntropyLoss(label_smoothing=0.1)
+
+    def step(x, y):
+        return loss_fn(model(x), y)
+
+    explanation = torch._dynamo.explain(step)(torch.randn(4, 8), torch.randint(0, 5, (4,)))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(step, fullgraph=True)  # raises on any graph break
+    x, y = torch.randn(12, 8), torch.randint(0, 5, (12,))
+    loss = compiled(x, y)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager = F.cross_entropy(model(x), y, label_smoothing=0.1)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    for got, want in zip(grads, [p.grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_module_weight_buffer_state_dict_and_repr():
+    w = torch.rand(4)
+    loss = ct.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.1)
+    assert repr(loss) == "CrossEntropyLoss(reduction='mean', ignore_index=2, label_smoothing=0.1)"
+    state = loss.state_dict()
+    assert list(state) == ["weight"]
+    other = ct.CrossEntropyLoss(weight=torch.zeros(4), ignore_index=2, label_smoothing=0.1)
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.weight, w)
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 0])
+    torch.testing.assert_close(other(x, y), F.cross_entropy(x, y, w, ignore_index=2, label_smoothing=0.1))
+    assert other.to(torch.float64).weight.dtype == torch.float64
+    nll = ct.NLLLoss(weight=w)
+    torch.testing.assert_close(nll(torch.log_softmax(x, 1), y), F.nll_loss(torch.log_softmax(x, 1), y, w))
+
+
+def test_bad_input_raises_before_anything_runs():
+    x = torch.randn(3, 4)
+    with pytest.raises(IndexError, match="target value 4"):
+        ct.cross_entropy(x, torch.tensor([0, 4, 1]))
+    with pytest.raises(ValueError, match="expected target shape"):
+        ct.cross_entropy(x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ct.cross_entropy(x, torch.tensor([0, 1, 2]), label_smoothing=-0.5)
+    with pytest.raises(TypeError, match="torch tensors"):
+        ct.cross_entropy(x.numpy(), torch.tensor([0, 1, 2]))
+
+
+def test_the_callers_logits_are_never_written():
+    x = torch.randn(5, 7, requires_grad=True)
+    before = x.detach().clone()
+    version = x._version
+    ct.cross_entropy(x, torch.randint(0, 7, (5,))).backward()
+    assert x._version == version
+    torch.testing.assert_close(x.detach(), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_matches_the_naive_loss(path, reduction, bias):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(37, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(37, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    y = torch.randint(0, 37, (2, 9), generator=g)
+    y[0, :4] = -100
+    w = torch.rand(37, generator=g, dtype=torch.float64) + 0.5
+    kw = {"weight": w, "reduction": reduction, "label_smoothing": 0.1}
+    with _path(path):
+        ours = ct.linear_cross_entropy(x, W, y, linear_bias=b, chunk_size=5, **kw)
+    naive = F.cross_entropy(F.linear(x, W, b).movedim(-1, 1), y, **kw)
+    torch.testing.assert_close(ours, naive)
+    upstream = torch.rand(ours.shape, dtype=torch.float64) if reduction == "none" else None
+    params = [x, W] + ([b] if bias else [])
+    got = torch.autograd.grad(ours, params, upstream)
+    want = torch.autograd.grad(naive, params, upstream)
+    for a, c in zip(got, want, strict=True):
+        torch.testing.assert_close(a, c)
+
+
+def test_linear_cross_entropy_is_chunk_size_invariant_and_skips_ignored_rows():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(50, 8, generator=g, requires_grad=True)
+    W = torch.randn(101, 8, generator=g, requires_grad=True)
+    y = torch.randint(0, 101, (50,), generator=g)
+    y[::3] = -100
+    results = []
+    for chunk in [1, 7, 50, None]:
+        loss = ct.linear_cross_entropy(x, W, y, chunk_size=chunk, z_loss=1e-3)
+        results.append((loss, *torch.autograd.grad(loss, (x, W))))
+    for other in results[1:]:
+        for a, c in zip(results[0], other, strict=True):
+            torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-5)
+    assert torch.all(results[0][1][::3] == 0)  # ignored rows get no gradient
+
+
+def test_linear_cross_entropy_probability_targets():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.softmax(torch.randn(6, 9, generator=g, dtype=torch.float64), 1)
+    ours = ct.linear_cross_entropy(x, W, t, chunk_size=4)
+    naive = F.cross_entropy(x @ W.T, t)
+    torch.testing.assert_close(ours, naive)
+    for a, c in zip(torch.autograd.grad(ours, (x, W)), torch.autograd.grad(naive, (x, W)), strict=True):
+        torch.testing.assert_close(a, c)
+
+
+def test_linear_module_and_argument_checks():
+    loss = ct.LinearCrossEntropyLoss(8, 20, bias=True)
+    x, y = torch.randn(5, 8), torch.randint(0, 20, (5,))
+    torch.testing.assert_close(loss(x, y), F.cross_entropy(loss.linear(x), y))
+    with pytest.raises(ValueError, match="does not match linear_weight's in_features 8"):
+        ct.linear_cross_entropy(torch.randn(5, 7), loss.linear.weight, y)
+    with pytest.raises(IndexError, match="target value 20"):
+        ct.linear_cross_entropy(x, loss.linear.weight, torch.tensor([0, 1, 20, 3, 4]))
+    with pytest.raises(ValueError, match="chunk_size must be at least 1"):
+        ct.linear_cross_entropy(x, loss.linear.weight, y, chunk_size=0)
+
+
+def test_import_crossent_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, crossent; assert 'torch' not in sys.modules and 'jax' not in sys.modules; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
