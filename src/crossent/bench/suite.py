@@ -363,29 +363,38 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(results: list[Result], path: str) -> None:
-    """Time against vocabulary size per implementation (the 'sweep' cases), log-log, to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def draw_sweep(ax: Any, results: list[Result]) -> None:
+    """Time against vocabulary size per implementation (the 'sweep' cases), log-log, on ``ax``."""
     sweep = [r for r in results if r.group == "sweep" and r.seconds is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for impl in sorted({r.impl for r in sweep}):
         points = sorted((r.shape[1], float(r.seconds or 0.0)) for r in sweep if r.impl == impl)
         label = "memory floor (np.copyto)" if impl == "floor" else impl
         style = "--" if impl == "floor" else "-o"
         ax.plot([p[0] for p in points], [p[1] * 1e3 for p in points], style, label=label)
     if sweep:
-        rows = sweep[0].shape[0]
-        ax.set_title(f"cross-entropy forward+backward, {rows} rows, float32")
+        ax.set_title(f"cross-entropy forward+backward, {sweep[0].shape[0]} rows, float32", fontsize=10)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("vocabulary size V")
     ax.set_ylabel("time (ms), best of repeats")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
+
+
+def plot_sweep(results: list[Result], path: str, linear_rows: list[dict[str, Any]] | None = None) -> None:
+    """The sweep chart to a PNG; with ``linear_rows``, the linear loss's peak memory beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if linear_rows else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.5), dpi=100, squeeze=False)
+    draw_sweep(axes[0, 0], results)
+    if linear_rows:
+        from .linear import draw_linear_memory
+
+        draw_linear_memory(axes[0, 1], linear_rows)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

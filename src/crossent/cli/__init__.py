@@ -196,26 +196,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import dataclasses
     import time
 
-    from ..bench import CASES, QUICK_CASES, format_table, machine_metadata, ratio_rows, run_suite
+    from ..bench import CASES, QUICK_CASES, format_table, machine_metadata, plot_sweep, ratio_rows, run_suite
+    from ..bench.linear import LINEAR_CASES, QUICK_LINEAR_CASES, format_linear_table, run_linear_suite
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot needs matplotlib: pip install 'crossent[cli]'")
     cases = QUICK_CASES if args.quick else CASES
     progress, finish = _progress_reporter()
+    linear_rows: list[dict[str, Any]] = []
     try:
         results = run_suite(cases, progress=progress)
+        if importlib.util.find_spec("torch") is not None:
+            linear_rows = run_linear_suite(QUICK_LINEAR_CASES if args.quick else LINEAR_CASES, progress=progress)
     finally:
         finish()
     rows = ratio_rows(results)
     print(format_table(rows))
+    if linear_rows:
+        print()
+        print(format_linear_table(linear_rows))
     out = pathlib.Path(args.out or f"crossent-bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    payload = {"machine": machine_metadata(), "results": [dataclasses.asdict(r) for r in results], "ratios": rows}
+    payload = {
+        "machine": machine_metadata(),
+        "results": [dataclasses.asdict(r) for r in results],
+        "ratios": rows,
+        "linear": linear_rows,
+    }
     out.write_text(json.dumps(payload, indent=2, default=str))
     print(f"wrote {out}")
     if args.plot:
-        from ..bench import plot_sweep
-
-        plot_sweep(results, args.plot)
+        plot_sweep(results, args.plot, linear_rows or None)
         print(f"wrote {args.plot}")
     return 0
 

@@ -1,0 +1,84 @@
+"""Benchmark the fused linear + cross-entropy against the naive loss and torch's chunked one, and the
+drop-in loss under torch.compile against eager torch.
+
+    python benchmarks/linear.py            # N=2048 D=512 V=32768 f32 and N=4096 D=1024 V=131072 bf16
+    python benchmarks/linear.py --quick
+
+Prints tables and writes JSON with machine metadata to benchmarks/results/linear-<time>.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+from crossent.bench import machine_metadata
+from crossent.bench.linear import (
+    LINEAR_CASES,
+    QUICK_LINEAR_CASES,
+    format_linear_table,
+    plot_linear_memory,
+    run_linear_suite,
+)
+
+
+def compile_vs_eager(n: int, v: int, repeats: int) -> dict:
+    """crossent.torch.cross_entropy under torch.compile against eager F.cross_entropy, forward+backward."""
+    import torch
+    import torch.nn.functional as F
+
+    import crossent.torch as ct
+
+    x = torch.randn(n, v).requires_grad_(True)
+    y = torch.randint(0, v, (n,))
+    compiled = torch.compile(lambda a, b: ct.cross_entropy(a, b), fullgraph=True)
+
+    def best(fn) -> float:
+        fn(x, y).backward()
+        result = float("inf")
+        for _ in range(repeats):
+            x.grad = None
+            start = time.perf_counter()
+            fn(x, y).backward()
+            result = min(result, time.perf_counter() - start)
+        return result
+
+    eager_torch = best(F.cross_entropy)
+    crossent_compiled = best(compiled)
+    return {"shape": [n, v], "eager_torch_s": eager_torch, "crossent_compiled_s": crossent_compiled,
+            "speedup": eager_torch / crossent_compiled}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=pathlib.Path)
+    parser.add_argument("--plot", type=pathlib.Path, help="PNG of extra peak memory per variant")
+    args = parser.parse_args(argv)
+
+    def progress(label: str, done: int, total: int) -> None:
+        print(f"[{done}/{total}] {label}", file=sys.stderr, flush=True)
+
+    rows = run_linear_suite(QUICK_LINEAR_CASES if args.quick else LINEAR_CASES, progress=progress)
+    print(format_linear_table(rows))
+    compiled = compile_vs_eager(1024, 8192, 2) if args.quick else compile_vs_eager(4096, 32768, 3)
+    print(
+        f"drop-in under torch.compile, {compiled['shape'][0]}x{compiled['shape'][1]} f32 forward+backward: "
+        f"eager torch {compiled['eager_torch_s'] * 1e3:.1f} ms, crossent compiled "
+        f"{compiled['crossent_compiled_s'] * 1e3:.1f} ms ({compiled['speedup']:.2f}x)"
+    )
+    out = args.out or pathlib.Path(__file__).parent / "results" / f"linear-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine_metadata(), "linear": rows, "compile": compiled}, indent=2))
+    print(f"wrote {out}")
+    if args.plot:
+        plot_linear_memory(rows, str(args.plot))
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

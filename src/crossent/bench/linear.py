@@ -1,0 +1,162 @@
+"""The fused linear + cross-entropy benchmark: time and extra peak memory of forward+backward.
+
+Variants, each in a process of its own so that its peak resident memory is its own:
+  naive          logits = x @ W.T, then F.cross_entropy (the N x V logits are materialised)
+  torch-chunked  torch's F.linear_cross_entropy with LinearCrossEntropyOptions() (its chunked path)
+  crossent       crossent.torch.linear_cross_entropy
+"Extra peak" is the peak RSS during one forward+backward minus the RSS once the inputs exist.
+Run a child directly: python -m crossent.bench.linear --child VARIANT N D V DTYPE REPEATS
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LinearCase:
+    name: str
+    n: int
+    d: int
+    v: int
+    dtype: str
+    repeats: int
+
+
+LINEAR_CASES = [
+    LinearCase("N=2048 D=512 V=32768 f32", 2048, 512, 32768, "float32", 3),
+    LinearCase("N=4096 D=1024 V=131072 bf16", 4096, 1024, 131072, "bfloat16", 1),
+]
+QUICK_LINEAR_CASES = [LinearCase("N=1024 D=256 V=16384 f32", 1024, 256, 16384, "float32", 2)]
+VARIANTS = ("naive", "torch-chunked", "crossent")
+
+
+def _child(variant: str, n: int, d: int, v: int, dtype_name: str, repeats: int) -> dict[str, Any]:
+    import resource
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    def rss_kib() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g).to(dtype).requires_grad_(True)
+    W = (torch.randn(v, d, generator=g) / d**0.5).to(dtype).requires_grad_(True)
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::10] = -100  # some ignored tokens, as in a padded batch
+
+    if variant == "naive":
+
+        def loss_fn() -> Any:
+            return F.cross_entropy(x @ W.T, y)
+    elif variant == "torch-chunked":
+        options = torch.nn.LinearCrossEntropyOptions()
+
+        def loss_fn() -> Any:
+            return F.linear_cross_entropy(x, W, y, ignore_index=-100, options=options)
+    else:
+        import crossent.torch as ct
+
+        def loss_fn() -> Any:
+            return ct.linear_cross_entropy(x, W, y)
+
+    def step() -> float:
+        x.grad = W.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return float(loss)
+
+    base = rss_kib()
+    start = time.perf_counter()
+    loss = step()  # the first step: its peak is the memory figure
+    first = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    best = first
+    for _ in range(repeats - 1):
+        start = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - start)
+    return {"variant": variant, "seconds": best, "extra_peak_mib": (peak - base) / 1024, "loss": loss,
+            "repeats": repeats, "torch_threads": torch.get_num_threads()}  # fmt: skip
+
+
+def run_linear_suite(cases: list[LinearCase], progress: Any = None) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    jobs = [(case, variant) for case in cases for variant in VARIANTS]
+    for index, (case, variant) in enumerate(jobs):
+        if progress is not None:
+            progress(f"linear {case.name} {variant}", index, len(jobs))
+        args = [variant, str(case.n), str(case.d), str(case.v), case.dtype, str(case.repeats)]
+        out = subprocess.run(
+            [sys.executable, "-m", "crossent.bench.linear", "--child", *args], capture_output=True, text=True
+        )
+        if out.returncode != 0:
+            last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+            rows.append({"case": case.name, "variant": variant, "seconds": None, "note": f"failed: {last}"})
+            continue
+        rows.append({"case": case.name, **json.loads(out.stdout.strip().splitlines()[-1])})
+    if progress is not None:
+        progress("done", len(jobs), len(jobs))
+    return rows
+
+
+def format_linear_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'case':<30} {'variant':<14} {'time':>10} {'extra peak':>12} {'time/naive':>11} {'mem/naive':>10}"]
+    lines.append("-" * len(lines[0]))
+    naive = {r["case"]: r for r in rows if r["variant"] == "naive" and r.get("seconds")}
+    for r in rows:
+        if r.get("seconds") is None:
+            lines.append(f"{r['case']:<30} {r['variant']:<14} {r.get('note', '-')}")
+            continue
+        base = naive.get(r["case"])
+        t_ratio = f"{r['seconds'] / base['seconds']:.2f}" if base else "-"
+        m_ratio = f"{r['extra_peak_mib'] / base['extra_peak_mib']:.2f}" if base and base["extra_peak_mib"] > 0 else "-"
+        lines.append(
+            f"{r['case']:<30} {r['variant']:<14} {r['seconds']:>9.3f}s {r['extra_peak_mib']:>9.0f}MiB "
+            f"{t_ratio:>11} {m_ratio:>10}"
+        )
+    return "\n".join(lines)
+
+
+def draw_linear_memory(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """Extra peak memory per variant and case, as grouped bars, on ``ax``."""
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    width = 0.8 / len(VARIANTS)
+    for i, variant in enumerate(VARIANTS):
+        values = [next((r.get("extra_peak_mib") or 0 for r in rows if r["case"] == c and r["variant"] == variant), 0)
+                  for c in cases]  # fmt: skip
+        ax.bar([k + i * width for k in range(len(cases))], values, width, label=variant)
+    ax.set_xticks([k + width * (len(VARIANTS) - 1) / 2 for k in range(len(cases))], cases, fontsize=8)
+    ax.set_ylabel("extra peak memory (MiB), forward+backward")
+    ax.set_title("linear + cross-entropy: memory beyond the inputs", fontsize=10)
+    ax.legend(fontsize=8)
+
+
+def plot_linear_memory(rows: list[dict[str, Any]], path: str) -> None:
+    """The memory chart alone, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    draw_linear_memory(ax, rows)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__" and len(sys.argv) == 8 and sys.argv[1] == "--child":
+    variant, n, d, v, dtype_name, repeats = sys.argv[2:]
+    print(json.dumps(_child(variant, int(n), int(d), int(v), dtype_name, int(repeats))))
