@@ -18,10 +18,12 @@ from .. import _native, _validate
 from .._validate import LossOptions, LossShape
 from ._ops import _as_tensor, _numpy_view, _state, _torch_loss_and_grad
 
-# Memory budget of one chunk: its logits and their gradient (rows x V each) plus float32 scratch.
-# 64 MiB keeps the extra memory a few percent of the naive N x V logits at LLM sizes; chunks of fewer
-# than 128 rows would make each matmul re-read W (V x D) for too little work, so that is the floor.
-_CHUNK_BUDGET_BYTES = 64 << 20
+# Memory budget of one chunk: its logits and their gradient (rows x V each, in the input dtype) plus
+# float32 scratch, i.e. rows * V * (2 * itemsize + 4) bytes. 32 MiB keeps the extra memory beyond the
+# outputs (dW is V x D in float32 whatever we do) a few percent of the naive N x V logits at LLM sizes.
+# Chunks of fewer than 128 rows would make each matmul re-read W (V x D) for too little work, so 128
+# rows is the floor even when it exceeds the budget (V = 32768 float32: 128 rows = 16 MiB a buffer).
+_CHUNK_BUDGET_BYTES = 32 << 20
 _MIN_CHUNK_ROWS = 128
 
 
@@ -86,7 +88,7 @@ def _sweep(
         per_row.index_copy_(0, idx, loss_c.to(per_row.dtype))
         if upstream is not None:
             assert dlogits is not None
-            dlogits = dlogits * upstream.index_select(0, idx).to(dlogits.dtype).unsqueeze(1)  # (r, V)
+            dlogits.mul_(upstream.index_select(0, idx).to(dlogits.dtype).unsqueeze(1))  # (r, V), in the scratch
             dx.index_copy_(0, idx, (dlogits @ W).to(dx.dtype))
             dW.addmm_(dlogits.t().to(dW.dtype), x_c.to(dW.dtype))  # float32 accumulation over chunks
             if db is not None:
@@ -201,7 +203,7 @@ def linear_cross_entropy(
     linear_weight : Tensor, shape (V, D)
     target : Tensor, shape (...) of class indices, or (..., V) of class probabilities
     chunk_size : int, optional
-        Rows per chunk; by default derived from a 64 MiB budget for one chunk's logits and gradient.
+        Rows per chunk; by default derived from a 32 MiB budget for one chunk's logits and gradient.
 
     Examples
     --------

@@ -1,0 +1,109 @@
+"""Vocabulary-parallel cross-entropy on gloo with 2 ranks against one process, 4096 x 32768 float32.
+
+    python benchmarks/distributed.py [--rows 4096] [--vocab 32768] [--ranks 2]
+
+Each rank holds a V / ranks slice of every row and runs forward+backward; the single process runs
+crossent.torch.cross_entropy on the whole logits. On this 2-core machine each rank gets one core, the
+single process both. Prints the times and the bytes all-reduced per forward; writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _best(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _rank(rank: int, world: int, port: int, rows: int, vocab: int, repeats: int, out: str) -> None:
+    from crossent.torch import distributed as cd
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    local_size = vocab // world
+    g = torch.Generator().manual_seed(rank)
+    local = torch.randn(rows, local_size, generator=g).requires_grad_(True)
+    target = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        local.grad = None
+        cd.vocab_parallel_cross_entropy(local, target).backward()
+        dist.barrier()
+
+    seconds = _best(step, repeats)
+    if rank == 0:
+        pathlib.Path(out).write_text(json.dumps({"seconds": seconds, "threads_per_rank": torch.get_num_threads()}))
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import crossent.torch as ct
+    from crossent.bench import machine_metadata
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=pathlib.Path)
+    args = parser.parse_args(argv)
+
+    x = torch.randn(args.rows, args.vocab).requires_grad_(True)
+    y = torch.randint(0, args.vocab, (args.rows,))
+
+    def single() -> None:
+        x.grad = None
+        ct.cross_entropy(x, y).backward()
+
+    single_s = _best(single, args.repeats)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result_file = pathlib.Path(f"/tmp/crossent-dist-{os.getpid()}.json")
+    mp.spawn(_rank, args=(args.ranks, port, args.rows, args.vocab, args.repeats, str(result_file)),
+             nprocs=args.ranks, join=True)  # fmt: skip
+    parallel = json.loads(result_file.read_text())
+    payload_bytes = args.rows * 4 * (1 + 2)  # MAX of the row maxima, then SUM of (sum-exp, target logit)
+    gathered_bytes = args.rows * args.vocab * 4
+    report = {
+        "machine": machine_metadata(),
+        "shape": [args.rows, args.vocab],
+        "ranks": args.ranks,
+        "single_process_s": single_s,
+        "vocab_parallel_s": parallel["seconds"],
+        "threads_per_rank": parallel["threads_per_rank"],
+        "allreduce_payload_bytes_per_forward": payload_bytes,
+        "gathered_logits_bytes": gathered_bytes,
+    }
+    print(
+        f"{args.rows}x{args.vocab} f32 forward+backward: one process {single_s * 1e3:.1f} ms, "
+        f"{args.ranks} gloo ranks {parallel['seconds'] * 1e3:.1f} ms "
+        f"({parallel['threads_per_rank']} thread(s) each); all-reduced per forward {payload_bytes / 1024:.0f} KiB "
+        f"vs {gathered_bytes / 2**20:.0f} MiB to gather the logits"
+    )
+    out = args.out or pathlib.Path(__file__).parent / "results" / f"distributed-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
