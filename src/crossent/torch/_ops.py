@@ -193,7 +193,7 @@ def _(input, target, weight, normalizer, class_axis, ignore_index, reduction, la
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    input, target, weight, normalizer, class_axis, ignore_index, reduction, label_smoothing, *_ = inputs
+    input, target, weight, normalizer, class_axis, _ignore_index, reduction, label_smoothing, *_ = inputs
     ctx.class_axis = class_axis
     ctx.reduction = reduction
     ctx.label_smoothing = label_smoothing
