@@ -57,12 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=pathlib.Path)
     parser.add_argument("--plot", type=pathlib.Path, help="PNG of extra peak memory per variant")
+    parser.add_argument("--only", help="run only the cases whose name contains this text (e.g. f32)")
     args = parser.parse_args(argv)
 
     def progress(label: str, done: int, total: int) -> None:
         print(f"[{done}/{total}] {label}", file=sys.stderr, flush=True)
 
-    rows = run_linear_suite(QUICK_LINEAR_CASES if args.quick else LINEAR_CASES, progress=progress)
+    cases = QUICK_LINEAR_CASES if args.quick else LINEAR_CASES
+    if args.only:
+        cases = [c for c in cases if args.only in c.name]
+    rows = run_linear_suite(cases, progress=progress)
     print(format_linear_table(rows))
     compiled = compile_vs_eager(1024, 8192, 2) if args.quick else compile_vs_eager(4096, 32768, 3)
     print(

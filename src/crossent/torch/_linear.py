@@ -137,6 +137,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grads is not None:
             ctx.save_for_backward(*[g for g in grads if g is not None])
             ctx.mode = "precomputed"
+            ctx.used = False
         else:
             ctx.save_for_backward(x, W, *(t for t in (b,) if t is not None), target, rows,
                                   *(t for t in (weight,) if t is not None))  # fmt: skip
@@ -155,11 +156,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor):
         if ctx.mode == "precomputed":
+            if ctx.used:
+                raise RuntimeError(
+                    "crossent.torch.linear_cross_entropy: backward ran twice through the same forward; its "
+                    "gradients were computed in the forward pass and are scaled in place, once"
+                )
+            ctx.used = True
             saved = list(ctx.saved_tensors)
             dx, dW = saved[0], saved[1]
             db = saved[2] if ctx.has_bias else None
             g = grad_loss.to(torch.float32)
-            return (dx * g.to(dx.dtype), dW * g, None if db is None else db * g, None, None, None, None, None)
+            # In place: a second V x D float32 weight gradient would double the memory this loss adds.
+            dx.mul_(g.to(dx.dtype))
+            dW.mul_(g)
+            if db is not None:
+                db.mul_(g)
+            return dx, dW, db, None, None, None, None, None
         saved = list(ctx.saved_tensors)
         x, W = saved[0], saved[1]
         b = saved[2] if ctx.has_bias else None
