@@ -424,6 +424,65 @@ inline double blocked_sum(int64_t n, F f) {
     return total;
 }
 
+// The batch total from the work items' partial sums, added in item order (so the same for any thread
+// count), divided by the mean's denominator for reduction="mean".
+inline double reduce_items(const std::vector<double>& partial, double denom, const LossCall& call) {
+    double total = 0.0;
+    for (double p : partial) total += p;
+    if (call.reduction != Reduction::mean) return total;
+    if (call.zero_if_all_ignored && denom == 0) return 0.0;
+    return total / denom;
+}
+
+// What both layouts of cross_entropy start from: typed pointers, the soft-cap constants, the class
+// weights (never null), the mean's denominator and the upstream gradient of each element.
+template <class T>
+struct Prepared {
+    using C = Compute<T>;
+    const Store<T>* x;
+    const Store<T>* targets;  // probability targets, or null
+    Store<T>* grad;
+    C* loss_rows;
+    const C* grad_rows;
+    // Without class weights, a vector of ones: a `w ? w[c] : 1` in the loops compiles to a masked load
+    // from a null pointer, which some CPUs (AMD Zen) serve through a microcode assist, 10x slower.
+    std::vector<C> unit_weight;
+    const C* w;
+    Consts<C> k;
+    double w_total;
+    bool probability;
+    double denom;     // what mean divides by (1 for the other reductions)
+    double g_scalar;  // upstream gradient of each element for mean and sum
+
+    Prepared(const LossCall& call, bool cap)
+        : x(static_cast<const Store<T>*>(call.x)),
+          targets(call.target_kind == TargetKind::probability ? static_cast<const Store<T>*>(call.target) : nullptr),
+          grad(static_cast<Store<T>*>(call.grad)),
+          loss_rows(static_cast<C*>(call.loss_rows)),
+          grad_rows(static_cast<const C*>(call.grad_rows)),
+          w(static_cast<const C*>(call.weight)),
+          probability(call.target_kind == TargetKind::probability) {
+        const int64_t n = call.layout.classes;
+        if (w == nullptr) {
+            unit_weight.assign(static_cast<size_t>(n), C(1));
+            w = unit_weight.data();
+        }
+        if (cap) {
+            k.cap = static_cast<C>(call.softcap);
+            k.inv_cap = static_cast<C>(1.0 / call.softcap);
+        }
+        const C* weights = w;
+        w_total = blocked_sum<C>(n, [&](int64_t c) { return weights[c]; });
+        denom = call.reduction == Reduction::mean ? mean_denominator<C>(call) : 1.0;
+        g_scalar = call.grad_scale;
+        if (call.reduction == Reduction::mean) {
+            g_scalar = (call.zero_if_all_ignored && denom == 0) ? 0.0 : call.grad_scale / denom;
+        }
+    }
+    Prepared(const Prepared&) = delete;  // w may point into unit_weight
+    Prepared& operator=(const Prepared&) = delete;
+};
+
 // The row's chunks: at most kMaxChunks of at least kChunk classes. Each chunk is read from memory for
 // its maximum and then, from L1, for its exponentials, so that the row is streamed from DRAM once
 // while the exponentials of the previous chunk are computed (an "online" softmax at chunk grain).
@@ -581,33 +640,20 @@ double cross_entropy_rows(const LossCall& call) {
     const Layout& L = call.layout;
     const int64_t rows = L.outer;
     const int64_t n = L.classes;
-    const Store<T>* x = static_cast<const Store<T>*>(call.x);
-    // Without class weights, a vector of ones: a `w ? w[c] : 1` in the loops compiles to a masked load
-    // from a null pointer, which some CPUs (AMD Zen) serve through a microcode assist, 10x slower.
-    std::vector<C> unit_weight;
-    const C* w = static_cast<const C*>(call.weight);
-    if (w == nullptr) {
-        unit_weight.assign(static_cast<size_t>(n), C(1));
-        w = unit_weight.data();
-    }
-    const bool probability = call.target_kind == TargetKind::probability;
-    const Store<T>* targets = probability ? static_cast<const Store<T>*>(call.target) : nullptr;
-    Store<T>* grad = static_cast<Store<T>*>(call.grad);
-    C* loss_rows = static_cast<C*>(call.loss_rows);
-    const C* grad_rows = static_cast<const C*>(call.grad_rows);
-    Consts<C> k;
-    if (CAP) {
-        k.cap = static_cast<C>(call.softcap);
-        k.inv_cap = static_cast<C>(1.0 / call.softcap);
-    }
-    const double w_total = blocked_sum<C>(n, [&](int64_t c) { return w[c]; });
+    const Prepared<T> P(call, CAP);
+    const Store<T>* x = P.x;
+    const C* w = P.w;
+    const bool probability = P.probability;
+    const Store<T>* targets = P.targets;
+    Store<T>* grad = P.grad;
+    C* loss_rows = P.loss_rows;
+    const C* grad_rows = P.grad_rows;
+    const Consts<C>& k = P.k;
+    const double w_total = P.w_total;
     const bool need_wx = call.label_smoothing > 0;
 
-    const double denom = call.reduction == Reduction::mean ? mean_denominator<C>(call) : 1.0;
-    double g_scalar = call.grad_scale;
-    if (call.reduction == Reduction::mean) {
-        g_scalar = (call.zero_if_all_ignored && denom == 0) ? 0.0 : call.grad_scale / denom;
-    }
+    const double denom = P.denom;
+    const double g_scalar = P.g_scalar;
 
     const int64_t items = (rows + kRowsPerItem - 1) / kRowsPerItem;
     std::vector<double> partial(static_cast<size_t>(items), 0.0);
@@ -649,13 +695,7 @@ double cross_entropy_rows(const LossCall& call) {
         }
         partial[static_cast<size_t>(item)] = sum;
     }
-    double total = 0.0;
-    for (double p : partial) total += p;
-    if (call.reduction == Reduction::mean) {
-        if (call.zero_if_all_ignored && denom == 0) return 0.0;
-        return total / denom;
-    }
-    return total;
+    return reduce_items(partial, denom, call);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -667,36 +707,23 @@ double cross_entropy_tiles(const LossCall& call) {
     const Layout& L = call.layout;
     const int64_t n = L.classes;
     const int64_t inner = L.inner;
-    const Store<T>* x = static_cast<const Store<T>*>(call.x);
-    // Without class weights, a vector of ones: a `w ? w[c] : 1` in the loops compiles to a masked load
-    // from a null pointer, which some CPUs (AMD Zen) serve through a microcode assist, 10x slower.
-    std::vector<C> unit_weight;
-    const C* w = static_cast<const C*>(call.weight);
-    if (w == nullptr) {
-        unit_weight.assign(static_cast<size_t>(n), C(1));
-        w = unit_weight.data();
-    }
-    const bool probability = call.target_kind == TargetKind::probability;
-    const Store<T>* targets = probability ? static_cast<const Store<T>*>(call.target) : nullptr;
-    Store<T>* grad = static_cast<Store<T>*>(call.grad);
-    C* loss_rows = static_cast<C*>(call.loss_rows);
-    const C* grad_rows = static_cast<const C*>(call.grad_rows);
-    Consts<C> k;
-    if (CAP) {
-        k.cap = static_cast<C>(call.softcap);
-        k.inv_cap = static_cast<C>(1.0 / call.softcap);
-    }
-    const double w_total = blocked_sum<C>(n, [&](int64_t c) { return w[c]; });
+    const Prepared<T> P(call, CAP);
+    const Store<T>* x = P.x;
+    const C* w = P.w;
+    const bool probability = P.probability;
+    const Store<T>* targets = P.targets;
+    Store<T>* grad = P.grad;
+    C* loss_rows = P.loss_rows;
+    const C* grad_rows = P.grad_rows;
+    const Consts<C>& k = P.k;
+    const double w_total = P.w_total;
     const bool need_wx = call.label_smoothing > 0;
     const C eps = static_cast<C>(call.label_smoothing);
     const C uniform = static_cast<C>(call.label_smoothing / static_cast<double>(n));
     const TermConsts terms_k = term_consts(call, w_total);
 
-    const double denom = call.reduction == Reduction::mean ? mean_denominator<C>(call) : 1.0;
-    double g_scalar = call.grad_scale;
-    if (call.reduction == Reduction::mean) {
-        g_scalar = (call.zero_if_all_ignored && denom == 0) ? 0.0 : call.grad_scale / denom;
-    }
+    const double denom = P.denom;
+    const double g_scalar = P.g_scalar;
 
     const int64_t tiles_per_outer = (inner + kTile - 1) / kTile;
     const int64_t items = L.outer * tiles_per_outer;
@@ -855,13 +882,7 @@ double cross_entropy_tiles(const LossCall& call) {
             }
         }
     }
-    double total = 0.0;
-    for (double p : partial) total += p;
-    if (call.reduction == Reduction::mean) {
-        if (call.zero_if_all_ignored && denom == 0) return 0.0;
-        return total / denom;
-    }
-    return total;
+    return reduce_items(partial, denom, call);
 }
 
 template <class T>
@@ -919,13 +940,7 @@ double nll_typed(const LossCall& call) {
         }
         partial[static_cast<size_t>(item)] = sum;
     }
-    double total = 0.0;
-    for (double p : partial) total += p;
-    if (call.reduction == Reduction::mean) {
-        if (call.zero_if_all_ignored && denom == 0) return 0.0;
-        return total / denom;
-    }
-    return total;
+    return reduce_items(partial, denom, call);
 }
 
 double nll_loss(const LossCall& call) {

@@ -17,6 +17,7 @@ import torch
 from .. import _native, _validate
 from .._validate import LossOptions, LossShape
 from ._ops import _as_tensor, _numpy_view, _state, _torch_loss_and_grad
+from ._reduction import mean_denominator_and_scale
 
 # Memory budget of one chunk: its logits and their gradient (rows x V each, in the input dtype) plus
 # float32 scratch, i.e. rows * V * (2 * itemsize + 4) bytes. 32 MiB keeps the extra memory beyond the
@@ -106,25 +107,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             rows = torch.nonzero(target != opts.ignore_index).squeeze(1)  # ignored rows never reach the matmul
         acc = torch.float64
-        if opts.reduction == "mean":
-            if normalizer is not None:
-                denom = normalizer.to(acc)
-            elif probability:
-                denom = torch.tensor(float(x.shape[0]), dtype=acc, device=x.device)
-            else:
-                w_y = (
-                    torch.ones(rows.numel(), dtype=acc, device=x.device)
-                    if weight is None
-                    else weight.to(acc)[target[rows]]
-                )
-                denom = w_y.sum()
-            scale = (
-                torch.where(denom == 0, torch.zeros_like(denom), 1.0 / denom)
-                if opts.zero_if_all_ignored
-                else 1.0 / denom
-            )
-        else:
-            denom = scale = torch.ones((), dtype=acc, device=x.device)
+        # Ignored targets count for nothing in the denominator, so the full target can be used here.
+        denom, scale = mean_denominator_and_scale(target, weight, opts, rows=x.shape[0], normalizer=normalizer)
         needs = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         upstream = None
         if needs and opts.reduction != "none":

@@ -18,6 +18,7 @@ import torch
 
 from .. import _native, _reference, _validate
 from .._validate import LossOptions, LossShape
+from ._reduction import mean_denominator_and_scale
 
 _state = {"torch_ops": False}
 
@@ -87,24 +88,7 @@ def _torch_loss_and_grad(
     axis = shape.class_axis
     # The mean's denominator (and so the upstream gradient per element) comes first: it is a scalar
     # over the whole batch, while the chunks see only part of it. A tensor: no host synchronisation.
-    if opts.reduction == "mean":
-        if opts.normalizer is not None:
-            denom = torch.as_tensor(opts.normalizer, dtype=acc, device=input.device)
-        elif shape.probability_target:
-            denom = torch.tensor(float(math.prod(shape.batch_shape)), dtype=acc, device=input.device)
-        else:
-            valid = target != opts.ignore_index
-            if weight is None:
-                denom = valid.sum(dtype=acc)
-            else:
-                safe = torch.where(valid, target, 0).long()
-                denom = torch.where(valid, weight.to(acc)[safe], 0).sum()
-        scale = 1.0 / denom
-        if opts.zero_if_all_ignored:
-            scale = torch.where(denom == 0, torch.zeros_like(scale), scale)
-    else:
-        denom = torch.ones((), dtype=acc, device=input.device)
-        scale = denom
+    denom, scale = mean_denominator_and_scale(target, weight, opts, rows=math.prod(shape.batch_shape))
     batched = input.ndim >= 2 and axis != 0
     chunks: list[Any] = [Ellipsis]  # the whole input (an unbatched target is 0-d: no slicing)
     if batched and input.numel() > _CHUNK_ELEMENTS:

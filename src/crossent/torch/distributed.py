@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _validate
+from ._reduction import mean_denominator_and_scale
 
 _bounds_cache: dict[tuple[Any, int, int], tuple[int, int, int]] = {}
 
@@ -137,18 +138,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         loss = torch.where(valid, loss, torch.zeros_like(loss))
         # The mean's denominator needs no communication: every rank holds every row's target.
         acc = torch.float64
-        if opts.reduction == "mean":
-            if normalizer is not None:
-                denom = normalizer.to(acc)
-            elif probability:
-                denom = torch.tensor(float(x.shape[0]), dtype=acc, device=x.device)
-            else:
-                denom = w_y.to(acc).sum()
-            scale = 1.0 / denom
-            if opts.zero_if_all_ignored:
-                scale = torch.where(denom == 0, torch.zeros_like(scale), scale)
-        else:
-            denom = scale = torch.ones((), dtype=acc, device=x.device)
+        denom, scale = mean_denominator_and_scale(target, w, opts, rows=x.shape[0], normalizer=normalizer)
         ctx.save_for_backward(local, target, *(t for t in (w_local,) if t is not None), e, s, A, B, fix, valid)
         ctx.has_weight = w_local is not None
         ctx.opts, ctx.start, ctx.end, ctx.total, ctx.probability = opts, start, end, total, probability

@@ -1,0 +1,45 @@
+"""What ``mean`` divides by, for every torch path (the op's torch implementation, the linear loss, the
+vocabulary-parallel loss): one home for torch's denominator rule and crossent's normalizer."""
+
+from __future__ import annotations
+
+import torch
+
+from .._validate import LossOptions
+
+
+def mean_denominator_and_scale(
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    opts: LossOptions,
+    *,
+    rows: int,
+    normalizer: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(denominator, upstream gradient of each element) in float64, as tensors (no host synchronisation).
+
+    mean: the normalizer if given; else the number of rows for probability targets; else the summed
+    weights of the non-ignored targets. The scale is 1 / denominator, or 0 where the denominator is 0
+    and ``zero_if_all_ignored`` is set. sum and none: (1, 1).
+    """
+    acc, device = torch.float64, target.device
+    if opts.reduction != "mean":
+        one = torch.ones((), dtype=acc, device=device)
+        return one, one
+    if normalizer is None:
+        normalizer = opts.normalizer
+    if normalizer is not None:
+        denom = torch.as_tensor(normalizer, dtype=acc, device=device)
+    elif target.is_floating_point():
+        denom = torch.tensor(float(rows), dtype=acc, device=device)
+    else:
+        valid = target != opts.ignore_index
+        if weight is None:
+            denom = valid.sum(dtype=acc)
+        else:
+            safe = torch.where(valid, target, 0).long()
+            denom = torch.where(valid, weight.to(acc)[safe], 0).sum()
+    scale = 1.0 / denom
+    if opts.zero_if_all_ignored:
+        scale = torch.where(denom == 0, torch.zeros_like(scale), scale)
+    return denom, scale
