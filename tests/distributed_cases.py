@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import traceback
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -42,7 +43,21 @@ class CollectiveCounter:
 def _init(rank: int, world: int, port: int) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A bounded timeout: a rank that failed must not leave the others waiting forever at the barrier.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+
+
+def _report_and_exit(out_dir: str, rank: int, report: dict) -> None:
+    """Write this rank's findings, wait for every rank, and leave without C++ teardown.
+
+    Tearing gloo down while another rank is already exiting can abort a process ("terminate called
+    without an active exception") after its work is done; after the barrier no rank needs the others.
+    """
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    if dist.is_initialized():
+        dist.barrier()
+    os._exit(0)
 
 
 def _split(total: int, sizes: list[int], rank: int) -> tuple[int, int]:
@@ -108,10 +123,7 @@ def vocab_parallel_worker(rank: int, world: int, port: int, sizes: list[int], ou
     except Exception:  # reported to the test, which fails with it
         failures.append(traceback.format_exc())
     finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"failures": failures, "collectives": counts}, f)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _report_and_exit(out_dir, rank, {"failures": failures, "collectives": counts})
 
 
 def data_parallel_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -149,7 +161,4 @@ def data_parallel_worker(rank: int, world: int, port: int, out_dir: str) -> None
     except Exception:
         failures.append(traceback.format_exc())
     finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"failures": failures}, f)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _report_and_exit(out_dir, rank, {"failures": failures})
