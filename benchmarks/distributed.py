@@ -1,10 +1,12 @@
-"""Vocabulary-parallel cross-entropy on gloo with 2 ranks against one process, 4096 x 32768 float32.
+"""Vocabulary-parallel cross-entropy on gloo with 2 ranks against one process, 4096 x 32768 float32;
+and the sharded output layer fused with the loss, 2048 x 512 hidden rows against a 32768 x 512 layer.
 
-    python benchmarks/distributed.py [--rows 4096] [--vocab 32768] [--ranks 2]
+    python benchmarks/distributed.py [--rows 4096] [--vocab 32768] [--hidden 512] [--ranks 2]
 
-Each rank holds a V / ranks slice of every row and runs forward+backward; the single process runs
-crossent.torch.cross_entropy on the whole logits. On this 2-core machine each rank gets one core, the
-single process both. Prints the times and the bytes all-reduced per forward; writes JSON (--out).
+Each rank holds a V / ranks slice of every row (or of the layer's rows) and runs forward+backward; the
+single process runs crossent.torch.cross_entropy on the whole logits (linear_cross_entropy on the whole
+layer). On this 2-core machine each rank gets one core, the single process both. Prints the times and
+the bytes all-reduced per forward; writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -31,11 +33,23 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def _rank(rank: int, world: int, port: int, rows: int, vocab: int, repeats: int, out: str) -> None:
+def _linear_problem(rows: int, hidden: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The linear case's rows, full layer and targets, the same in every process."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(rows // 2, hidden, generator=g)
+    W = torch.randn(vocab, hidden, generator=g) / hidden**0.5
+    return x, W, torch.randint(0, vocab, (rows // 2,), generator=g)
+
+
+def _rank(rank: int, world: int, port: int, rows: int, vocab: int, hidden: int, repeats: int, out: str) -> None:
     from crossent.torch import distributed as cd
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    import crossent
+
+    threads = max(1, (os.cpu_count() or 1) // world)  # the cores shared out, no oversubscription
+    torch.set_num_threads(threads)
+    crossent.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     local_size = vocab // world
     g = torch.Generator().manual_seed(rank)
@@ -48,8 +62,19 @@ def _rank(rank: int, world: int, port: int, rows: int, vocab: int, repeats: int,
         dist.barrier()
 
     seconds = _best(step, repeats)
+    x, W, y = _linear_problem(rows, hidden, vocab)
+    x.requires_grad_(True)
+    W_local = W[rank * local_size : (rank + 1) * local_size].clone().requires_grad_(True)
+
+    def linear_step() -> None:
+        x.grad = W_local.grad = None
+        cd.vocab_parallel_linear_cross_entropy(x, W_local, y).backward()
+        dist.barrier()
+
+    linear_seconds = _best(linear_step, repeats)
     if rank == 0:
-        pathlib.Path(out).write_text(json.dumps({"seconds": seconds, "threads_per_rank": torch.get_num_threads()}))
+        report = {"seconds": seconds, "linear_seconds": linear_seconds, "threads_per_rank": torch.get_num_threads()}
+        pathlib.Path(out).write_text(json.dumps(report))
     dist.barrier()
     os._exit(0)  # no gloo teardown: it can abort when the other rank exits first
 
@@ -61,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=pathlib.Path)
@@ -74,14 +100,23 @@ def main(argv: list[str] | None = None) -> int:
         ct.cross_entropy(x, y).backward()
 
     single_s = _best(single, args.repeats)
+    lx, lW, ly = _linear_problem(args.rows, args.hidden, args.vocab)
+    lx.requires_grad_(True)
+    lW.requires_grad_(True)
+
+    def single_linear() -> None:
+        lx.grad = lW.grad = None
+        ct.linear_cross_entropy(lx, lW, ly).backward()
+
+    single_linear_s = _best(single_linear, args.repeats)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result_file = pathlib.Path(f"/tmp/crossent-dist-{os.getpid()}.json")
-    mp.spawn(_rank, args=(args.ranks, port, args.rows, args.vocab, args.repeats, str(result_file)),
+    mp.spawn(_rank, args=(args.ranks, port, args.rows, args.vocab, args.hidden, args.repeats, str(result_file)),
              nprocs=args.ranks, join=True)  # fmt: skip
     parallel = json.loads(result_file.read_text())
-    payload_bytes = args.rows * 4 * (1 + 2)  # MAX of the row maxima, then SUM of (sum-exp, target logit)
+    payload_bytes = args.rows * 4 * (1 + 2)  # MAX of the slices' log-sum-exps, then SUM of (sum-exp, target logit)
     gathered_bytes = args.rows * args.vocab * 4
     report = {
         "machine": machine_metadata(),
@@ -89,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         "ranks": args.ranks,
         "single_process_s": single_s,
         "vocab_parallel_s": parallel["seconds"],
+        "linear_shape": [args.rows // 2, args.hidden, args.vocab],
+        "single_process_linear_s": single_linear_s,
+        "vocab_parallel_linear_s": parallel["linear_seconds"],
         "threads_per_rank": parallel["threads_per_rank"],
         "allreduce_payload_bytes_per_forward": payload_bytes,
         "gathered_logits_bytes": gathered_bytes,
@@ -98,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.ranks} gloo ranks {parallel['seconds'] * 1e3:.1f} ms "
         f"({parallel['threads_per_rank']} thread(s) each); all-reduced per forward {payload_bytes / 1024:.0f} KiB "
         f"vs {gathered_bytes / 2**20:.0f} MiB to gather the logits"
+    )
+    print(
+        f"linear {args.rows // 2}x{args.hidden} @ {args.vocab}x{args.hidden} forward+backward: one process "
+        f"{single_linear_s * 1e3:.1f} ms, {args.ranks} gloo ranks {parallel['linear_seconds'] * 1e3:.1f} ms"
     )
     out = args.out or pathlib.Path(__file__).parent / "results" / f"distributed-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

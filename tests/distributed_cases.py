@@ -126,6 +126,78 @@ def vocab_parallel_worker(rank: int, world: int, port: int, sizes: list[int], ou
         _report_and_exit(out_dir, rank, {"failures": failures, "collectives": counts})
 
 
+def vocab_parallel_linear_worker(rank: int, world: int, port: int, sizes: list[int], out_dir: str) -> None:
+    """The sharded output layer fused with the loss, against the single-process linear loss on the full
+    layer: loss, and the gradients of the hidden rows, of this rank's weight rows and bias slice."""
+    failures: list[str] = []
+    counts: dict[str, list[int]] = {}
+    try:
+        _init(rank, world, port)
+        total = sum(sizes)
+        start, end = _split(total, sizes, rank)
+        grid = itertools.product(["mean", "sum", "none"], [False, True], [0.0, 0.2], [False, True])
+        extras = [{}, {"z_loss": 1e-3, "softcap": 4.0}, {"normalizer": 13.0}]
+        cases = [(r, w, e, p, x) for (r, w, e, p), x in itertools.product(grid, extras)
+                 if "normalizer" not in x or r == "mean"]  # fmt: skip
+        cases += [
+            ("mean", True, 0.1, False, {"dtype": torch.float32}),
+            ("none", False, 0.0, True, {"dtype": torch.float32}),
+        ]
+        for index, (reduction, weighted, eps, probability, extra) in enumerate(cases):
+            extra = dict(extra)
+            dtype = extra.pop("dtype", torch.float64)
+            g = torch.Generator().manual_seed(1000 + index)
+            rows, features, chunk = 13, 6, 4  # 4 chunks of rows (3 with ignored rows dropped)
+            hidden = torch.randn(rows, features, generator=g, dtype=torch.float64).to(dtype)
+            W = torch.randn(total, features, generator=g, dtype=torch.float64).to(dtype)
+            b = (0.5 * torch.randn(total, generator=g, dtype=torch.float64)).to(dtype) if index % 2 else None
+            if probability:
+                t = torch.rand(rows, total, generator=g, dtype=torch.float64)
+                target = (t / t.sum(1, keepdim=True)).to(dtype)
+            else:
+                target = torch.randint(0, total, (rows,), generator=g)
+                target[1] = target[7] = -100
+                target[2] = 0  # the first rank's slice
+                target[3] = total - 1  # the last rank's slice
+            weight = (torch.rand(total, generator=g, dtype=torch.float64) + 0.1).to(dtype) if weighted else None
+            kw = {"reduction": reduction, "label_smoothing": eps, "weight": weight, **extra}
+            full = [hidden.clone().requires_grad_(True), W.clone().requires_grad_(True)]
+            full_b = None if b is None else b.clone().requires_grad_(True)
+            expected = ct.linear_cross_entropy(full[0], full[1], target, linear_bias=full_b, **kw)
+            upstream = (
+                torch.rand(expected.shape, generator=g, dtype=torch.float64).to(dtype) if reduction == "none" else None
+            )
+            expected.backward(upstream)
+            mine = [hidden.clone().requires_grad_(True), W[start:end].clone().requires_grad_(True)]
+            mine_b = None if b is None else b[start:end].clone().requires_grad_(True)
+            local_target = target[:, start:end] if probability else target
+            with CollectiveCounter() as forward_calls:
+                got = cd.vocab_parallel_linear_cross_entropy(
+                    mine[0], mine[1], local_target, local_bias=mine_b, chunk_size=chunk, **kw
+                )
+            with CollectiveCounter() as backward_calls:
+                got.backward(upstream)
+            chunks = -(-rows // chunk) if probability else -(-(rows - 2) // chunk)
+            counts.setdefault("expected", []).append(
+                # (+1 on the first call: the all_gather that derives the slice bounds, cached after)
+                [2 * chunks + (reduction != "none") + (index == 0), 0 if reduction != "none" else 2 * chunks + 1]
+            )
+            counts.setdefault("got", []).append([len(forward_calls.calls), len(backward_calls.calls)])
+            name = f"case {index}: {kw} probability={probability} bias={b is not None} dtype={dtype}"
+            tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+            pairs = [("loss", got, expected), ("hidden grad", mine[0].grad, full[0].grad),
+                     ("weight grad", mine[1].grad, full[1].grad[start:end])]  # fmt: skip
+            if b is not None:
+                pairs.append(("bias grad", mine_b.grad, full_b.grad[start:end]))
+            for what, a, e in pairs:
+                if not torch.allclose(a.double(), e.double(), equal_nan=True, **tol):
+                    failures.append(f"{name}: {what} differs by {(a.double() - e.double()).abs().max()}")
+    except Exception:
+        failures.append(traceback.format_exc())
+    finally:
+        _report_and_exit(out_dir, rank, {"failures": failures, "collectives": counts})
+
+
 def data_parallel_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """3 micro-batches per rank with unequal numbers of ignored tokens: summing the normalised
     micro-batch losses over ranks gives the full-batch mean, and the gradients match."""

@@ -43,6 +43,17 @@ def test_vocab_parallel_equals_single_process(tmp_path, sizes):
         assert set(report["collectives"]["backward"]) == {0}
 
 
+@pytest.mark.parametrize("sizes", [[17, 23], [250, 251, 250, 250]], ids=["2 uneven", "V=1001 over 4"])
+def test_vocab_parallel_linear_equals_single_process_linear_loss(tmp_path, sizes):
+    reports = _spawn(distributed_cases.vocab_parallel_linear_worker, len(sizes), (sizes,), tmp_path)
+    failures = [f for report in reports for f in report["failures"]]
+    assert not failures, "\n".join(failures[:5])
+    for report in reports:
+        # Per chunk of rows, the loss's two collectives; the hidden rows' gradient all-reduced once, in
+        # the forward sweep for mean and sum (backward silent), in the recomputing backward for none.
+        assert report["collectives"]["got"] == report["collectives"]["expected"]
+
+
 def test_gradient_accumulation_over_ranks_equals_the_full_batch(tmp_path):
     reports = _spawn(distributed_cases.data_parallel_worker, 2, (), tmp_path)
     failures = [f for report in reports for f in report["failures"]]

@@ -147,20 +147,24 @@ class NativeKernel:
         return np.asarray(total).astype(dtype)
 
     @staticmethod
-    def _softmax(x: Any, axis: int, op: int) -> Any:
+    def _softmax(x: Any, axis: int, op: int, out: np.ndarray | None = None) -> Any:
         assert extension is not None
         view, code = _kernel_view(x)
         outer, classes, inner = _layout(x.shape, axis)
         out_shape = x.shape[:axis] + x.shape[axis + 1 :] if op == _LOGSUMEXP else x.shape
-        out = np.empty(out_shape, dtype=x.dtype)
+        if out is None:
+            out = np.empty(out_shape, dtype=x.dtype)
+        elif out.shape != out_shape or out.dtype != x.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {x.dtype} array of shape {out_shape}, got "
+                             f"{out.dtype} {out.shape}")  # fmt: skip
         extension.softmax(view, _kernel_view(out)[0], code, outer, classes, inner, op)
         return out
 
     def log_softmax(self, x: Any, axis: int) -> Any:
         return self._softmax(x, axis, _LOG_SOFTMAX)
 
-    def softmax(self, x: Any, axis: int) -> Any:
-        return self._softmax(x, axis, _SOFTMAX)
+    def softmax(self, x: Any, axis: int, out: np.ndarray | None = None) -> Any:
+        return self._softmax(x, axis, _SOFTMAX, out)
 
     def logsumexp(self, x: Any, axis: int, keepdims: bool) -> Any:
         out = self._softmax(x, axis, _LOGSUMEXP)

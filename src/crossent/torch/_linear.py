@@ -9,14 +9,14 @@ Only the chunk's logits and their gradient are ever held. Ignored rows are dropp
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from .. import _native, _validate
 from .._validate import LossOptions, LossShape
-from ._ops import _as_tensor, _numpy_view, _state, _torch_loss_and_grad
+from ._ops import _as_tensor, _numpy_view, _state, _torch_loss_and_grad, cpu_buffer
 from ._reduction import mean_denominator_and_scale
 
 # Memory budget of one chunk: its logits and their gradient (rows x V each, in the input dtype) plus
@@ -59,16 +59,40 @@ def _chunk_loss_and_grad(
     return loss, out
 
 
+class ChunkLoss(Protocol):
+    """Per-row losses of a (rows, V) chunk of logits and, into ``out``, d(loss_row)/d(logits); and
+    what completes the input's gradient once every chunk has added its share."""
+
+    def __call__(
+        self, logits: torch.Tensor, target: torch.Tensor, out: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def reduce_input_grad(self, dx: torch.Tensor) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class _LocalChunkLoss:
+    """The whole vocabulary in this process: the fused kernel or the torch-ops path."""
+
+    weight: torch.Tensor | None
+    opts: LossOptions
+
+    def __call__(self, logits, target, out):
+        return _chunk_loss_and_grad(logits, target, self.weight, self.opts, out)
+
+    def reduce_input_grad(self, dx: torch.Tensor) -> None:
+        pass  # dx is complete
+
+
 def _sweep(
     x: torch.Tensor,
     W: torch.Tensor,
     b: torch.Tensor | None,
     target: torch.Tensor,
-    weight: torch.Tensor | None,
-    opts: LossOptions,
     rows: torch.Tensor,
     chunk: int,
     upstream: torch.Tensor | None,
+    chunk_loss: ChunkLoss,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]:
     """One pass over the counted rows: per-row losses, and with ``upstream`` (per row) the gradients."""
     n, d = x.shape
@@ -76,16 +100,27 @@ def _sweep(
     per_row = torch.zeros(n, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
     grads = None
     if upstream is not None:
-        dx = torch.zeros_like(x)
-        dW = torch.zeros(v, d, dtype=torch.float32 if W.dtype != torch.float64 else torch.float64, device=W.device)
-        db = None if b is None else torch.zeros(v, dtype=dW.dtype, device=W.device)
-        scratch = torch.empty(min(chunk, max(1, rows.numel())), v, dtype=x.dtype, device=x.device)
+        acc = torch.float32 if W.dtype != torch.float64 else torch.float64
+
+        def buffer(shape: tuple[int, ...], dtype: torch.dtype, zero: bool) -> torch.Tensor:
+            if x.device.type == "cpu":
+                return cpu_buffer(shape, dtype, zero=zero)  # huge pages: cheaper first touch
+            return (
+                torch.zeros(shape, dtype=dtype, device=x.device)
+                if zero
+                else torch.empty(shape, dtype=dtype, device=x.device)
+            )
+
+        dx = buffer(tuple(x.shape), x.dtype, True)
+        dW = buffer((v, d), acc, True)
+        db = None if b is None else buffer((v,), acc, True)
+        scratch = buffer((min(chunk, max(1, rows.numel())), v), x.dtype, False)
     for start in range(0, rows.numel(), chunk):
         idx = rows[start : start + chunk]
         x_c = x.index_select(0, idx)  # (r, D)
         logits = torch.nn.functional.linear(x_c, W, b)  # (r, V)
         out = scratch[: idx.numel()] if upstream is not None else None
-        loss_c, dlogits = _chunk_loss_and_grad(logits, target.index_select(0, idx), weight, opts, out)
+        loss_c, dlogits = chunk_loss(logits, target.index_select(0, idx), out)
         per_row.index_copy_(0, idx, loss_c.to(per_row.dtype))
         if upstream is not None:
             assert dlogits is not None
@@ -100,7 +135,7 @@ def _sweep(
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x, W, b, target, weight, normalizer, opts: LossOptions, chunk: int):
+    def forward(ctx: Any, x, W, b, target, weight, normalizer, opts: LossOptions, chunk: int, sharded=None):
         probability = target.is_floating_point()
         if probability:
             rows = torch.arange(x.shape[0], device=x.device)
@@ -115,17 +150,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # A scalar upstream gradient: the gradients are computed now and scaled in backward.
             upstream = scale.to(torch.float32).expand(x.shape[0])
         row_opts = dataclasses.replace(opts, reduction="none", normalizer=None, zero_if_all_ignored=False)
-        per_row, grads = _sweep(x, W, b, target, weight, row_opts, rows, chunk, upstream)
-        ctx.row_opts, ctx.chunk = row_opts, chunk
+        # The source of each chunk's loss: this process's kernel, or a vocabulary-parallel shard
+        # (crossent.torch.distributed), which also all-reduces the input's gradient over the ranks.
+        chunk_loss = _LocalChunkLoss(weight, row_opts) if sharded is None else sharded.chunk_loss(row_opts)
+        per_row, grads = _sweep(x, W, b, target, rows, chunk, upstream, chunk_loss)
+        if grads is not None:
+            chunk_loss.reduce_input_grad(grads[0])
+        ctx.chunk_loss, ctx.chunk = chunk_loss, chunk
         ctx.has_bias = b is not None
         if grads is not None:
             ctx.save_for_backward(*[g for g in grads if g is not None])
             ctx.mode = "precomputed"
             ctx.used = False
         else:
-            ctx.save_for_backward(x, W, *(t for t in (b,) if t is not None), target, rows,
-                                  *(t for t in (weight,) if t is not None))  # fmt: skip
-            ctx.has_weight = weight is not None
+            ctx.save_for_backward(x, W, *(t for t in (b,) if t is not None), target, rows)
             ctx.mode = "recompute"
         if opts.reduction == "none":
             return per_row.to(x.dtype)
@@ -155,17 +193,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dW.mul_(g)
             if db is not None:
                 db.mul_(g)
-            return dx, dW, db, None, None, None, None, None
+            return dx, dW, db, None, None, None, None, None, None
         saved = list(ctx.saved_tensors)
         x, W = saved[0], saved[1]
         b = saved[2] if ctx.has_bias else None
         rest = saved[3:] if ctx.has_bias else saved[2:]
         target, rows = rest[0], rest[1]
-        weight = rest[2] if ctx.has_weight else None
-        _, grads = _sweep(x, W, b, target, weight, ctx.row_opts, rows, ctx.chunk, grad_loss.to(torch.float32))
+        _, grads = _sweep(x, W, b, target, rows, ctx.chunk, grad_loss.to(torch.float32), ctx.chunk_loss)
         assert grads is not None
         dx, dW, db = grads
-        return dx, dW, db, None, None, None, None, None
+        ctx.chunk_loss.reduce_input_grad(dx)
+        return dx, dW, db, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -211,23 +249,53 @@ def linear_cross_entropy(
     >>> bool(torch.allclose(fused, naive, atol=1e-6))
     True
     """
-    if ignore_index is None:
-        ignore_index = -100  # torch's linear_cross_entropy: None means cross_entropy's default
     opts = _validate.loss_options(
-        reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-        softcap=softcap, normalizer=normalizer, zero_if_all_ignored=zero_if_all_ignored,
+        reduction=reduction, ignore_index=-100 if ignore_index is None else ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, normalizer=normalizer,
+        zero_if_all_ignored=zero_if_all_ignored,
     )  # fmt: skip
+    # torch's linear_cross_entropy: ignore_index=None means cross_entropy's default; options may carry
+    # the batch chunk size.
+    if options is not None and chunk_size is None:
+        chunk_size = getattr(options, "batch_chunk_size", None)
+    args = prepare_arguments(input, linear_weight, target, linear_bias, weight, opts, chunk_size)
+    loss = _LinearCrossEntropy.apply(args.x, linear_weight, linear_bias, args.target, weight, args.normalizer, opts,
+                                     args.chunk)  # fmt: skip
+    return loss.reshape(args.batch) if opts.reduction == "none" else loss
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearArguments:
+    x: torch.Tensor  # (rows, D)
+    target: torch.Tensor  # (rows,) class ids or (rows, V) probabilities
+    normalizer: torch.Tensor | None
+    chunk: int
+    batch: tuple[int, ...]
+
+
+def prepare_arguments(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    opts: LossOptions,
+    chunk_size: int | None,
+    *,
+    total_classes: int | None = None,
+) -> LinearArguments:
+    """Check the linear loss's arguments and flatten them to rows. ``total_classes``: the class count
+    that targets and class weights index, when ``linear_weight`` holds only a slice of the classes."""
     if linear_weight.ndim != 2:
         raise ValueError(f"linear_weight must have shape (V, D), got {tuple(linear_weight.shape)}")
     n_classes, in_features = linear_weight.shape
+    classes = n_classes if total_classes is None else total_classes
     if input.shape[-1] != in_features:
         raise ValueError(
             f"input's last dimension {input.shape[-1]} does not match linear_weight's in_features {in_features}"
         )
     if linear_bias is not None and tuple(linear_bias.shape) != (n_classes,):
         raise ValueError(f"linear_bias must have shape ({n_classes},), got {tuple(linear_bias.shape)}")
-    if options is not None and chunk_size is None:
-        chunk_size = getattr(options, "batch_chunk_size", None)
     if chunk_size is not None:
         chunk_size = _validate.check_int(chunk_size, "chunk_size")
         if chunk_size < 1:
@@ -239,17 +307,14 @@ def linear_cross_entropy(
     if tuple(target.shape) != expected_target:
         raise ValueError(f"target shape {tuple(target.shape)} does not match input: expected {expected_target}")
     t2 = target.reshape(-1, n_classes) if probability else target.reshape(-1)
+    import array_api_compat.torch as xp_torch
+
     if weight is not None:
-        import array_api_compat.torch as xp_torch
-
-        _validate.check_weight(xp_torch, weight, n_classes)
+        _validate.check_weight(xp_torch, weight, classes)
     if not probability:
-        import array_api_compat.torch as xp_torch
-
-        _validate.check_class_indices(xp_torch, t2, n_classes, opts.ignore_index)
+        _validate.check_class_indices(xp_torch, t2, classes, opts.ignore_index)
     norm = opts.normalizer
     if norm is not None and not isinstance(norm, torch.Tensor):
         norm = torch.tensor(float(norm), dtype=torch.float64, device=input.device)
     chunk = _chunk_rows(n_classes, input.element_size(), chunk_size)
-    loss = _LinearCrossEntropy.apply(x2, linear_weight, linear_bias, t2, weight, norm, opts, chunk)
-    return loss.reshape(batch) if opts.reduction == "none" else loss
+    return LinearArguments(x2, t2, norm, chunk, batch)

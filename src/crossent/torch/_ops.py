@@ -70,6 +70,17 @@ def _native_loss_and_grad(
     return _as_tensor(_native.KERNEL.cross_entropy(x, t, w, shape, opts), input.dtype), None
 
 
+def cpu_buffer(shape: tuple[int, ...], dtype: torch.dtype, *, zero: bool = False) -> torch.Tensor:
+    """A CPU tensor in memory NumPy allocated. NumPy asks Linux for transparent huge pages on large
+    arrays; torch's allocator does not, and first touching a fresh 256 MiB of 4 KiB pages costs more
+    than a pass over it (measured: 137 ms against 18 ms, one thread)."""
+    bits = {torch.float16: np.int16, torch.bfloat16: np.int16}.get(dtype)
+    np_dtype = bits or torch.empty((), dtype=dtype).numpy().dtype
+    a = np.zeros(shape, dtype=np_dtype) if zero else np.empty(shape, dtype=np_dtype)
+    t = torch.from_numpy(a)
+    return t.view(dtype) if bits else t
+
+
 def _as_tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """The tensor over a NumPy result; 16-bit floats travel as their bits (NumPy has no bfloat16)."""
     a = a if a.flags.c_contiguous else a.copy()  # not ascontiguousarray: it turns 0-d into 1-d
