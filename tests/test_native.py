@@ -99,6 +99,29 @@ def test_kernel_matches_reference(isa, rng, dtype, shape, axis, options):
     assert_matches_reference(case, rng)
 
 
+@pytest.mark.parametrize("dtype", _dtypes(), ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(("shape", "axis"), LAYOUTS, ids=str)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"weighted": True, "ignore_some": True, "label_smoothing": 0.2},
+        {"probability": True, "z_loss": 1e-3, "softcap": 5.0, "reduction": "none"},
+    ],
+    ids=str,
+)
+def test_gradient_written_over_the_logits_equals_the_separate_gradient(rng, dtype, shape, axis, options):
+    # out=input: the gradient overwrites the logits (row by row from a copy when the classes are
+    # contiguous, through a temporary otherwise); bitwise the gradient written elsewhere.
+    case = make_case(rng, shape, dtype, axis=axis, **options)
+    go = grad_output_for(case, rng)
+    expected_loss, expected_grad = crossent.cross_entropy_and_grad(case.x, case.target, grad_output=go, **case.kwargs)
+    logits = case.x.copy()
+    loss, grad = crossent.cross_entropy_and_grad(logits, case.target, grad_output=go, out=logits, **case.kwargs)
+    assert grad is logits
+    np.testing.assert_array_equal(loss, expected_loss)
+    np.testing.assert_array_equal(grad, expected_grad)
+
+
 @given(
     shape=st.sampled_from([(9, 2000), (3, 5, 70), (2, 1, 3), (1, 3000), (6, 4, 1, 5)]),
     probability=st.booleans(),

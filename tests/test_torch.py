@@ -178,6 +178,55 @@ def test_the_callers_logits_are_never_written():
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("shape", "axis"), [((9, 2500), None), ((3, 6, 5, 4), None), ((2, 5, 40), -1)], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_inplace_backward_gives_torchs_gradients_through_the_logits_memory(path, shape, axis, reduction):
+    g = torch.Generator().manual_seed(11)
+    d = 6
+    class_axis = 1 if axis is None else len(shape) - 1
+    h = torch.randn(*shape[:class_axis], *shape[class_axis + 1 :], d, generator=g, dtype=torch.float64)
+    W = torch.randn(shape[class_axis], d, generator=g, dtype=torch.float64)
+    _, y = _problem(shape, class_axis, torch.float64, probability=False, ignore=True, seed=12)
+    weight = torch.rand(shape[class_axis], generator=g, dtype=torch.float64) + 0.5
+    kw = {"reduction": reduction, "label_smoothing": 0.1, "weight": weight}
+    grads = []
+    for inplace in [False, True]:
+        hi, Wi = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+        logits = (hi @ Wi.T).movedim(-1, class_axis).contiguous()  # a non-leaf, like a model's head
+        version = logits._version
+        with _path(path):
+            loss = ct.cross_entropy(logits, y, axis=axis, inplace_backward=inplace, **kw)
+        if not inplace:
+            upstream = torch.rand(loss.shape, generator=g, dtype=torch.float64) if reduction == "none" else None
+            expected = F.cross_entropy(logits.movedim(class_axis, 1), y, **kw)
+            torch.testing.assert_close(loss, expected)
+        assert (logits._version > version) == inplace  # the caller's logits are written only when asked
+        loss.backward(upstream)
+        grads.append((hi.grad, Wi.grad))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_inplace_backward_misuse_raises():
+    g = torch.Generator().manual_seed(13)
+    h, W = torch.randn(8, 5, generator=g, requires_grad=True), torch.randn(30, 5, generator=g, requires_grad=True)
+    y = torch.randint(0, 30, (8,), generator=g)
+    logits = h @ W.T
+    # Another term saved the logits for its own backward: their version counter catches the overwrite.
+    penalty = logits.pow(2).mean()
+    loss = ct.cross_entropy(logits, y, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + penalty).backward()
+    loss = ct.cross_entropy(h @ W.T, y, inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+    t = torch.softmax(torch.randn(8, 30, generator=g), 1).requires_grad_(True)
+    with pytest.raises(ValueError, match="probability target's gradient"):
+        ct.cross_entropy(h @ W.T, t, inplace_backward=True)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_cross_entropy_matches_the_naive_loss(path, reduction, bias):

@@ -190,9 +190,11 @@ def cross_entropy_and_grad(
         The upstream gradient d(objective)/d(loss): a scalar for ``mean`` and ``sum`` (default 1), and
         required, in the loss's shape, for ``none``.
     out : NumPy array, optional, keyword-only
-        Where to write the gradient (the input's shape and dtype, C-contiguous, not overlapping the
-        input), so that a training loop reuses one buffer instead of allocating one per step. It is
-        returned as ``grad_input``. NumPy inputs only.
+        Where to write the gradient (the input's shape and dtype, C-contiguous), so that a training
+        loop reuses one buffer instead of allocating one per step. It is returned as ``grad_input``.
+        It may be the input itself (the gradient then overwrites the logits; with the classes on the
+        last axis no other input-sized memory is used), but may not otherwise overlap the input or the
+        target. NumPy inputs only.
     axis, z_loss, softcap, normalizer, zero_if_all_ignored
         As for :func:`cross_entropy`.
 
@@ -234,8 +236,16 @@ def cross_entropy_and_grad(
     if out is not None:
         validate.check_out(out, input, target)
     kernel = native_kernel(xp, input)
+    # The kernel overwrites the logits row by row only with the classes contiguous (the last axis).
+    kernel_out = out
+    if out is not None and np.shares_memory(out, input) and shape.class_axis != input.ndim - 1:
+        kernel_out = None
     if kernel is not None:
-        return kernel.cross_entropy_and_grad(input, target, weight, shape, opts, grad_output, out)
+        loss, grad = kernel.cross_entropy_and_grad(input, target, weight, shape, opts, grad_output, kernel_out)
+        if out is not None and kernel_out is None:
+            np.copyto(out, grad)
+            grad = out
+        return loss, grad
     with np.errstate(all="ignore"):
         loss, grad = reference.cross_entropy_and_grad(xp, input, target, weight, shape, opts, grad_output)
     if out is not None:

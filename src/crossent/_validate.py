@@ -255,7 +255,8 @@ def check_grad_output(grad_output: Any, loss_shape_: tuple[int, ...], reduction:
 
 def check_out(out: Any, input: Any, target: Any) -> None:
     """``out`` for the gradient: a writeable, C-contiguous NumPy array of the input's shape and dtype
-    that shares no memory with the input or the target (the kernel reads them while writing it)."""
+    that is the input itself (an in-place gradient) or shares no memory with the input or the target
+    (the kernel reads them while writing it)."""
     if not isinstance(out, np.ndarray) or not isinstance(input, np.ndarray):
         raise TypeError(f"out must be a NumPy array for a NumPy input, got {type(out).__name__}")
     if out.shape != input.shape or out.dtype != input.dtype:
@@ -265,5 +266,6 @@ def check_out(out: Any, input: Any, target: Any) -> None:
         )
     if not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError("out must be a writeable, C-contiguous array")
-    if np.shares_memory(out, input) or np.shares_memory(out, target):
-        raise ValueError("out must not share memory with the input or the target")
+    same_as_input = out.ctypes.data == input.ctypes.data and input.flags.c_contiguous
+    if (np.shares_memory(out, input) and not same_as_input) or np.shares_memory(out, target):
+        raise ValueError("out must be the input itself or share no memory with the input or the target")

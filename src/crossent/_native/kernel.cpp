@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
@@ -658,13 +659,21 @@ double cross_entropy_rows(const LossCall& call) {
     const int64_t items = (rows + kRowsPerItem - 1) / kRowsPerItem;
     std::vector<double> partial(static_cast<size_t>(items), 0.0);
     const int threads = thread_count(call.threads, rows * n, items);
+    // In place (the gradient overwrites the logits, crossent.torch's inplace_backward): each row is
+    // first copied to a buffer of the thread's own, which the passes read while the gradient is written.
+    const bool in_place = grad != nullptr && static_cast<const void*>(grad) == static_cast<const void*>(x);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t item = 0; item < items; ++item) {
         C chunk_shift[kMaxChunks];
+        std::vector<Store<T>> row_copy(in_place ? static_cast<size_t>(n) : 0);
         double sum = 0.0;
         const int64_t r_end = std::min(rows, (item + 1) * kRowsPerItem);
         for (int64_t r = item * kRowsPerItem; r < r_end; ++r) {
             const Store<T>* xr = x + r * n;
+            if (in_place) {
+                std::copy(xr, xr + n, row_copy.data());
+                xr = row_copy.data();
+            }
             const Store<T>* tr = targets ? targets + r * n : nullptr;
             Store<T>* gr = grad ? grad + r * n : nullptr;
             RowTerms R;
@@ -725,6 +734,9 @@ double cross_entropy_tiles(const LossCall& call) {
     const double denom = P.denom;
     const double g_scalar = P.g_scalar;
 
+    if (grad != nullptr && static_cast<const void*>(grad) == static_cast<const void*>(x)) {
+        throw std::invalid_argument("the gradient may overwrite the logits only with the classes contiguous");
+    }
     const int64_t tiles_per_outer = (inner + kTile - 1) / kTile;
     const int64_t items = L.outer * tiles_per_outer;
     std::vector<double> partial(static_cast<size_t>(items), 0.0);

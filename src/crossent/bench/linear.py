@@ -4,6 +4,8 @@ Variants, each in a process of its own so that its peak resident memory is its o
   naive          logits = x @ W.T, then F.cross_entropy (the N x V logits are materialised)
   torch-chunked  torch's F.linear_cross_entropy with LinearCrossEntropyOptions() (its chunked path)
   crossent       crossent.torch.linear_cross_entropy
+  naive+ct       logits = x @ W.T, then crossent.torch.cross_entropy
+  naive+ct-inpl  the same with inplace_backward=True (the gradient overwrites the logits)
 "Extra peak" is the peak RSS (VmHWM) during one forward+backward minus the RSS once the inputs exist.
 Run a child directly: python -m crossent.bench.linear --child VARIANT N D V DTYPE REPEATS
 """
@@ -32,7 +34,7 @@ LINEAR_CASES = [
     LinearCase("N=4096 D=1024 V=131072 bf16", 4096, 1024, 131072, "bfloat16", 1),
 ]
 QUICK_LINEAR_CASES = [LinearCase("N=1024 D=256 V=16384 f32", 1024, 256, 16384, "float32", 2)]
-VARIANTS = ("naive", "torch-chunked", "crossent")
+VARIANTS = ("naive", "torch-chunked", "crossent", "naive+ct", "naive+ct-inpl")
 
 
 def _child(variant: str, n: int, d: int, v: int, dtype_name: str, repeats: int) -> dict[str, Any]:
@@ -64,11 +66,18 @@ def _child(variant: str, n: int, d: int, v: int, dtype_name: str, repeats: int) 
 
         def loss_fn() -> Any:
             return F.linear_cross_entropy(x, W, y, ignore_index=-100, options=options)
-    else:
+    elif variant == "crossent":
         import crossent.torch as ct
 
         def loss_fn() -> Any:
             return ct.linear_cross_entropy(x, W, y)
+    else:
+        import crossent.torch as ct
+
+        inplace = variant == "naive+ct-inpl"
+
+        def loss_fn() -> Any:
+            return ct.cross_entropy(x @ W.T, y, inplace_backward=inplace)
 
     def step() -> float:
         x.grad = W.grad = None

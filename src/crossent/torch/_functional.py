@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -9,7 +10,7 @@ import array_api_compat.torch as xp_torch
 import torch
 
 from .. import _reference, _validate
-from ._ops import cross_entropy_op
+from ._ops import InplaceBackward, cross_entropy_op
 
 
 def _legacy_reduction(size_average: Any, reduce: Any, reduction: str) -> str:
@@ -39,6 +40,7 @@ def cross_entropy(
     softcap: float | None = None,
     normalizer: float | torch.Tensor | None = None,
     zero_if_all_ignored: bool = False,
+    inplace_backward: bool = False,
 ) -> torch.Tensor:
     r"""``torch.nn.functional.cross_entropy``, computed by crossent, with autograd.
 
@@ -47,6 +49,12 @@ def cross_entropy(
     devices run a torch implementation of the same semantics on row chunks. float16 and bfloat16 are
     computed in float32. The op is registered with ``torch.library``, so ``torch.compile(fullgraph=True)``
     traces it without a graph break.
+
+    ``inplace_backward=True`` saves the input-sized gradient: the forward overwrites the logits with
+    d(loss)/d(logits), which the backward scales in place. Use it when nothing else needs the logits
+    after the loss (the usual language-model head); autograd raises if another operation saved them,
+    since their version counter is bumped. Eager mode only; not with probability targets that require
+    a gradient (theirs needs the logits).
 
     Examples
     --------
@@ -73,6 +81,13 @@ def cross_entropy(
     if norm is not None and not isinstance(norm, torch.Tensor):
         norm = torch.tensor(float(norm), dtype=torch.float64, device=input.device)
     compute_grad = torch.is_grad_enabled() and input.requires_grad
+    if inplace_backward and compute_grad:
+        if torch.compiler.is_compiling():
+            raise RuntimeError("inplace_backward=True runs in eager mode only; leave it False under torch.compile")
+        if target.requires_grad:
+            raise ValueError("inplace_backward=True overwrites the logits that the probability target's gradient needs")
+        opts = dataclasses.replace(opts, normalizer=norm)
+        return InplaceBackward.apply(input, target, weight, shape, opts)
     loss, _ = cross_entropy_op(
         input, target, weight, norm, shape.class_axis, opts.ignore_index, opts.reduction, opts.label_smoothing,
         opts.z_loss, opts.softcap or 0.0, opts.zero_if_all_ignored, compute_grad,

@@ -39,6 +39,7 @@ class CrossEntropyLoss(_WeightedLoss):
         softcap: float | None = None,
         normalizer: float | None = None,
         zero_if_all_ignored: bool = False,
+        inplace_backward: bool = False,
     ) -> None:
         reduction = _legacy_reduction(size_average, reduce, reduction)
         _validate.loss_options(
@@ -50,19 +51,21 @@ class CrossEntropyLoss(_WeightedLoss):
         self.label_smoothing = label_smoothing
         self.axis, self.z_loss, self.softcap = axis, z_loss, softcap
         self.normalizer, self.zero_if_all_ignored = normalizer, zero_if_all_ignored
+        self.inplace_backward = inplace_backward  # see crossent.torch.cross_entropy
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cross_entropy(
             input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
             label_smoothing=self.label_smoothing, axis=self.axis, z_loss=self.z_loss, softcap=self.softcap,
             normalizer=self.normalizer, zero_if_all_ignored=self.zero_if_all_ignored,
+            inplace_backward=self.inplace_backward,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
         parts = [f"reduction={self.reduction!r}"]
         if self.ignore_index != -100:
             parts.append(f"ignore_index={self.ignore_index}")
-        for name in ("label_smoothing", "z_loss"):
+        for name in ("label_smoothing", "z_loss", "inplace_backward"):
             if getattr(self, name):
                 parts.append(f"{name}={getattr(self, name)}")
         for name in ("axis", "softcap", "normalizer"):

@@ -53,11 +53,13 @@ def _numpy_view(t: torch.Tensor) -> np.ndarray | None:
 
 def _native_loss_and_grad(
     input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, shape: LossShape, opts: LossOptions,
-    compute_grad: bool,
+    compute_grad: bool, *, in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:  # fmt: skip
+    """The native kernel on zero-copy views, or None where it does not apply. ``in_place``: the gradient
+    overwrites the (contiguous, classes-last) input, and the input is returned as it."""
     if _native.extension is None or input.device.type != "cpu" or _state["torch_ops"]:
         return None
-    x = _numpy_view(input.contiguous())
+    x = _numpy_view(input if in_place else input.contiguous())
     if x is None or not _native.supports(x):
         return None
     t = _numpy_view(target.contiguous())
@@ -65,15 +67,19 @@ def _native_loss_and_grad(
     ones = np.ones(shape.batch_shape, dtype=np.float64 if x.dtype == np.float64 else np.float32)
     go = ones if opts.reduction == "none" else None
     if compute_grad:
-        loss, grad = _native.KERNEL.cross_entropy_and_grad(x, t, w, shape, opts, go)
-        return _as_tensor(loss, input.dtype), _as_tensor(grad, input.dtype)
+        loss, grad = _native.KERNEL.cross_entropy_and_grad(x, t, w, shape, opts, go, out=x if in_place else None)
+        return _as_tensor(loss, input.dtype), input if in_place else _as_tensor(grad, input.dtype)
     return _as_tensor(_native.KERNEL.cross_entropy(x, t, w, shape, opts), input.dtype), None
 
 
 def cpu_buffer(shape: tuple[int, ...], dtype: torch.dtype, *, zero: bool = False) -> torch.Tensor:
-    """A CPU tensor in memory NumPy allocated. NumPy asks Linux for transparent huge pages on large
-    arrays; torch's allocator does not, and first touching a fresh 256 MiB of 4 KiB pages costs more
-    than a pass over it (measured: 137 ms against 18 ms, one thread)."""
+    """A CPU tensor in memory NumPy allocated, for the large outputs (gradients, buffers).
+
+    NumPy asks Linux for transparent huge pages on large arrays and torch's CPU allocator does not;
+    with 4 KiB pages, first touching a fresh gradient costs more than computing it (measured on this
+    project's 2-core machine: 512 MiB, 226 ms against about 60 ms; 256 MiB on one thread, 137 ms
+    against 18 ms).
+    """
     bits = {torch.float16: np.int16, torch.bfloat16: np.int16}.get(dtype)
     np_dtype = bits or torch.empty((), dtype=dtype).numpy().dtype
     a = np.zeros(shape, dtype=np_dtype) if zero else np.empty(shape, dtype=np_dtype)
@@ -199,18 +205,6 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
     ctx.save_for_backward(output[1], input, target, weight, normalizer)
 
 
-def _empty_like_cpu(t: torch.Tensor) -> torch.Tensor:
-    """An empty tensor like ``t`` whose pages the OS hands out as huge pages where it can.
-
-    NumPy asks for transparent huge pages on large arrays and torch's CPU allocator does not; with 4 KiB
-    pages, first-touching a 512 MiB gradient costs more than computing it (measured: 226 ms against
-    about 60 ms on this project's 2-core machine).
-    """
-    if t.dtype == torch.bfloat16:
-        return torch.from_numpy(np.empty(tuple(t.shape), dtype=np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.empty(tuple(t.shape), dtype=torch.empty(0, dtype=t.dtype).numpy().dtype))
-
-
 def _backward(ctx: Any, grad_loss: torch.Tensor | None, _grad_of_grad: torch.Tensor | None) -> tuple[Any, ...]:
     grad, input, target, weight, normalizer = ctx.saved_tensors
     grad_input = None
@@ -222,7 +216,7 @@ def _backward(ctx: Any, grad_loss: torch.Tensor | None, _grad_of_grad: torch.Ten
         upstream = grad_loss.unsqueeze(ctx.class_axis) if ctx.reduction == "none" else grad_loss
         upstream = upstream.to(grad.dtype)
         if grad.device.type == "cpu" and grad.numel() >= 1 << 20 and not torch.compiler.is_compiling():
-            grad_input = torch.mul(grad, upstream, out=_empty_like_cpu(grad))
+            grad_input = torch.mul(grad, upstream, out=cpu_buffer(tuple(grad.shape), grad.dtype))
         else:
             grad_input = grad * upstream
     grad_target = None
@@ -250,3 +244,49 @@ def _probability_target_grad(ctx: Any, grad_loss, input, target, weight, normali
 
 
 cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class InplaceBackward(torch.autograd.Function):
+    """cross_entropy with ``inplace_backward=True``: the forward writes d(loss)/d(input) (for a unit
+    upstream gradient) over the input, and the backward scales it there. No input-sized gradient is
+    allocated: on CPU, for classes on the last axis, the kernel writes each row's gradient over the row
+    it has just read (from a per-thread copy); elsewhere the gradient is computed and then copied over.
+
+    The input's version counter is bumped, so that autograd raises if another operation saved the
+    logits for its own backward. Eager mode only; the backward may run once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+                shape: LossShape, opts: LossOptions) -> torch.Tensor:  # fmt: skip
+        run_opts = opts
+        if not shape.probability_target and input.device.type == "cpu":
+            _validate.check_class_indices(xp_torch, target, shape.n_classes, opts.ignore_index)
+        if isinstance(opts.normalizer, torch.Tensor) and input.device.type == "cpu" and not _state["torch_ops"]:
+            run_opts = dataclasses.replace(opts, normalizer=float(opts.normalizer))
+        rows_layout = shape.class_axis == input.ndim - 1 and input.is_contiguous()
+        result = (
+            _native_loss_and_grad(input, target, weight, shape, run_opts, True, in_place=True) if rows_layout else None
+        )
+        if result is None:
+            result = _native_loss_and_grad(input, target, weight, shape, run_opts, True)
+            if result is None:
+                result = _torch_loss_and_grad(input, target, weight, shape, opts, True)
+            assert result[1] is not None
+            input.detach().copy_(result[1])
+        torch.autograd.graph.increment_version(input)
+        ctx.buffer = input.detach()  # the gradient now lives in the input's memory
+        ctx.class_axis, ctx.reduction, ctx.used = shape.class_axis, opts.reduction, False
+        loss = result[0]
+        return loss.clone() if loss._base is not None else loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
+        if ctx.used:
+            raise RuntimeError(
+                "crossent.torch.cross_entropy(inplace_backward=True): backward ran twice through the same "
+                "forward; the gradient lives in the logits' memory and is scaled there, once"
+            )
+        ctx.used = True
+        upstream = grad_loss.unsqueeze(ctx.class_axis) if ctx.reduction == "none" else grad_loss
+        return ctx.buffer.mul_(upstream.to(ctx.buffer.dtype)), None, None, None, None
