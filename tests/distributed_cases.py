@@ -60,6 +60,14 @@ def _report_and_exit(out_dir: str, rank: int, report: dict) -> None:
     os._exit(0)
 
 
+def _option_cases() -> list[tuple[str, bool, float, bool, dict]]:
+    """(reduction, weighted, label_smoothing, probability, extra options): every combination."""
+    grid = itertools.product(["mean", "sum", "none"], [False, True], [0.0, 0.2], [False, True])
+    extras: list[dict] = [{}, {"z_loss": 1e-3, "softcap": 4.0}, {"normalizer": 13.0}]
+    return [(r, w, e, p, x) for (r, w, e, p), x in itertools.product(grid, extras)
+            if "normalizer" not in x or r == "mean"]  # fmt: skip
+
+
 def _split(total: int, sizes: list[int], rank: int) -> tuple[int, int]:
     start = sum(sizes[:rank])
     return start, start + sizes[rank]
@@ -72,10 +80,7 @@ def vocab_parallel_worker(rank: int, world: int, port: int, sizes: list[int], ou
         _init(rank, world, port)
         total = sum(sizes)
         start, end = _split(total, sizes, rank)
-        grid = itertools.product(["mean", "sum", "none"], [False, True], [0.0, 0.2], [False, True])
-        extras = [{}, {"z_loss": 1e-3, "softcap": 4.0}, {"normalizer": 13.0}]
-        cases = [(r, w, e, p, x) for (r, w, e, p), x in itertools.product(grid, extras)
-                 if "normalizer" not in x or r == "mean"]  # fmt: skip
+        cases = _option_cases()
         for index, (reduction, weighted, eps, probability, extra) in enumerate(cases):
             g = torch.Generator().manual_seed(index)
             rows = 11
@@ -135,10 +140,7 @@ def vocab_parallel_linear_worker(rank: int, world: int, port: int, sizes: list[i
         _init(rank, world, port)
         total = sum(sizes)
         start, end = _split(total, sizes, rank)
-        grid = itertools.product(["mean", "sum", "none"], [False, True], [0.0, 0.2], [False, True])
-        extras = [{}, {"z_loss": 1e-3, "softcap": 4.0}, {"normalizer": 13.0}]
-        cases = [(r, w, e, p, x) for (r, w, e, p), x in itertools.product(grid, extras)
-                 if "normalizer" not in x or r == "mean"]  # fmt: skip
+        cases = _option_cases()
         cases += [
             ("mean", True, 0.1, False, {"dtype": torch.float32}),
             ("none", False, 0.0, True, {"dtype": torch.float32}),

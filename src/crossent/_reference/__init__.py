@@ -4,7 +4,15 @@ Imports nothing of crossent's but ``_validate``; the public layer and every fast
 against these functions.
 """
 
-from .losses import cross_entropy, cross_entropy_and_grad, nll_loss
+from .losses import cross_entropy, cross_entropy_and_grad, nll_loss, reduce_losses
 from .softmax import log_softmax, logsumexp, softmax
 
-__all__ = ["cross_entropy", "cross_entropy_and_grad", "log_softmax", "logsumexp", "nll_loss", "softmax"]
+__all__ = [
+    "cross_entropy",
+    "cross_entropy_and_grad",
+    "log_softmax",
+    "logsumexp",
+    "nll_loss",
+    "reduce_losses",
+    "softmax",
+]

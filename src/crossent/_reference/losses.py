@@ -50,7 +50,9 @@ def _class_index_terms(xp: Any, target: Any, n_classes: int, ignore_index: int, 
     return _ClassIndexTerms(valid=valid, onehot=onehot, target_weight=target_weight)
 
 
-def _reduce(xp: Any, per_element: Any, denominator: Any, opts: LossOptions) -> Any:
+def reduce_losses(xp: Any, per_element: Any, denominator: Any, opts: LossOptions) -> Any:
+    """Per-element losses as they are (none), summed in the denominator's dtype (sum), or divided by
+    the denominator (mean; 0 instead of NaN for a zero denominator with ``zero_if_all_ignored``)."""
     if opts.reduction == "none":
         return per_element
     total = xp.sum(xp.astype(per_element, denominator.dtype))
@@ -131,7 +133,7 @@ def _cross_entropy(
         per_element = per_element + (z_term if valid is None else xp.where(valid, z_term, zero))
 
     denominator = _mean_denominator(xp, opts, default_denominator, dev)
-    loss = xp.astype(_reduce(xp, per_element, denominator, opts), dtype)
+    loss = xp.astype(reduce_losses(xp, per_element, denominator, opts), dtype)
     if not want_grad:
         return loss, None
 
@@ -189,4 +191,4 @@ def nll_loss(xp: Any, input: Any, target: Any, weight: Any, shape: LossShape, op
     picked = xp.sum(xp.where(terms.onehot, x, zero), axis=-1)  # (...,) input[target]
     per_element = -(terms.target_weight * picked)
     denominator = _mean_denominator(xp, opts, xp.sum(xp.astype(terms.target_weight, batch_dtype(xp))), dev)
-    return xp.astype(_reduce(xp, per_element, denominator, opts), dtype)
+    return xp.astype(reduce_losses(xp, per_element, denominator, opts), dtype)

@@ -17,7 +17,7 @@ import torch
 from .. import _native, _validate
 from .._validate import LossOptions, LossShape
 from ._ops import _as_tensor, _numpy_view, _state, _torch_loss_and_grad, cpu_buffer
-from ._reduction import mean_denominator_and_scale
+from ._reduction import mean_denominator_and_scale, reduce_losses
 
 # Memory budget of one chunk: its logits and their gradient (rows x V each, in the input dtype) plus
 # float32 scratch, i.e. rows * V * (2 * itemsize + 4) bytes. 32 MiB keeps the extra memory beyond the
@@ -141,7 +141,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = torch.arange(x.shape[0], device=x.device)
         else:
             rows = torch.nonzero(target != opts.ignore_index).squeeze(1)  # ignored rows never reach the matmul
-        acc = torch.float64
         # Ignored targets count for nothing in the denominator, so the full target can be used here.
         denom, scale = mean_denominator_and_scale(target, weight, opts, rows=x.shape[0], normalizer=normalizer)
         needs = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
@@ -165,15 +164,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             ctx.save_for_backward(x, W, *(t for t in (b,) if t is not None), target, rows)
             ctx.mode = "recompute"
-        if opts.reduction == "none":
-            return per_row.to(x.dtype)
-        total = per_row.to(acc).sum()
-        if opts.reduction == "sum":
-            return total.to(x.dtype)
-        loss = total / denom
-        if opts.zero_if_all_ignored:
-            loss = torch.where(denom == 0, torch.zeros_like(loss), loss)
-        return loss.to(x.dtype)
+        return reduce_losses(per_row, denom, opts).to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor):

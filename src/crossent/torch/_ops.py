@@ -18,7 +18,7 @@ import torch
 
 from .. import _native, _reference, _validate
 from .._validate import LossOptions, LossShape
-from ._reduction import mean_denominator_and_scale
+from ._reduction import mean_denominator_and_scale, reduce_losses
 
 _state = {"torch_ops": False}
 
@@ -101,7 +101,6 @@ def _torch_loss_and_grad(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """The reference, on chunks of the first batch axis; per-element losses are reduced here."""
     per_row = dataclasses.replace(opts, reduction="none", normalizer=None, zero_if_all_ignored=False)
-    acc = torch.float64 if input.device.type != "mps" else torch.float32
     axis = shape.class_axis
     # The mean's denominator (and so the upstream gradient per element) comes first: it is a scalar
     # over the whole batch, while the chunks see only part of it. A tensor: no host synchronisation.
@@ -127,11 +126,7 @@ def _torch_loss_and_grad(
     per_element = torch.cat([loss.reshape(-1) for loss in losses]).reshape(shape.batch_shape)
     if opts.reduction == "none":
         return per_element, grad
-    total = per_element.to(acc).sum()
-    loss = total if opts.reduction == "sum" else total / denom
-    if opts.reduction == "mean" and opts.zero_if_all_ignored:
-        loss = torch.where(denom == 0, torch.zeros_like(loss), loss)
-    return loss.to(input.dtype), grad
+    return reduce_losses(per_element, denom, opts).to(input.dtype), grad
 
 
 def _options(

@@ -1,10 +1,13 @@
-"""What ``mean`` divides by, for every torch path (the op's torch implementation, the linear loss, the
-vocabulary-parallel loss): one home for torch's denominator rule and crossent's normalizer."""
+"""What ``mean`` divides by, and the reduction itself, for every torch path (the op's torch
+implementation, the linear loss, the vocabulary-parallel loss): one home for torch's denominator rule,
+crossent's normalizer and the all-ignored case."""
 
 from __future__ import annotations
 
+import array_api_compat.torch as xp_torch
 import torch
 
+from .._reference import reduce_losses as reduce_reference
 from .._validate import LossOptions
 
 
@@ -43,3 +46,8 @@ def mean_denominator_and_scale(
     if opts.zero_if_all_ignored:
         scale = torch.where(denom == 0, torch.zeros_like(scale), scale)
     return denom, scale
+
+
+def reduce_losses(per_element: torch.Tensor, denom: torch.Tensor, opts: LossOptions) -> torch.Tensor:
+    """The reference's reduction (crossent._reference.reduce_losses) on torch tensors."""
+    return reduce_reference(xp_torch, per_element, denom, opts)

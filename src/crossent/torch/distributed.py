@@ -29,7 +29,7 @@ import torch.distributed as dist
 from .. import _native, _validate
 from ._linear import _LinearCrossEntropy, prepare_arguments
 from ._ops import _as_tensor, _numpy_view, _state, cpu_buffer
-from ._reduction import mean_denominator_and_scale
+from ._reduction import mean_denominator_and_scale, reduce_losses
 
 _bounds_cache: dict[tuple[Any, int, int], tuple[int, int, int]] = {}
 
@@ -305,7 +305,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         denom, scale = mean_denominator_and_scale(target, shard.weight, opts, rows=rows, normalizer=normalizer)
         ctx.save_for_backward(local, target)
         ctx.terms, ctx.shard, ctx.opts, ctx.scale = terms, shard, opts, scale
-        return _reduce(loss, denom, opts).to(local.dtype)
+        return reduce_losses(loss, denom, opts).to(local.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
@@ -317,18 +317,6 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             upstream = (grad_loss.to(torch.float64) * ctx.scale).expand(local.shape[0])
         grad = _slice_gradient(local, target, ctx.shard, opts, terms, upstream)
         return grad, None, None, None, None
-
-
-def _reduce(loss: torch.Tensor, denom: torch.Tensor, opts: _validate.LossOptions) -> torch.Tensor:
-    if opts.reduction == "none":
-        return loss
-    total = loss.to(torch.float64).sum()
-    if opts.reduction == "sum":
-        return total
-    result = total / denom
-    if opts.zero_if_all_ignored:
-        result = torch.where(denom == 0, torch.zeros_like(result), result)
-    return result
 
 
 def vocab_parallel_cross_entropy(
