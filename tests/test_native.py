@@ -73,6 +73,8 @@ def _dtypes():
 
 LAYOUTS = [
     ((37, 1500), None),  # classes contiguous, two chunks' worth of rows
+    ((300, 10), None),  # few classes contiguous: vectorised across rows, two full tiles and a partial one
+    ((2, 70, 32), -1),  # the most classes that path takes
     ((5, 2100, 3), None),  # strided (N, C, d), C over the 1024-class chunk
     ((3, 7, 9, 11), None),  # segmentation (N, C, H, W), tiles shorter than 64
     ((2, 9, 150), None),  # strided with a partial second tile

@@ -62,6 +62,8 @@ def is_half(dtype: Any) -> bool:
 
 
 def is_floating(xp: Any, dtype: Any) -> bool:
+    if isinstance(dtype, np.dtype) and dtype.kind in "fiub":
+        return dtype.kind == "f"  # the common NumPy case without isdtype's microseconds
     # bfloat16 from ml_dtypes is a NumPy "void" kind that isdtype does not recognise.
     if is_half(dtype):
         return True
@@ -72,6 +74,8 @@ def is_floating(xp: Any, dtype: Any) -> bool:
 
 
 def is_integral(xp: Any, dtype: Any) -> bool:
+    if isinstance(dtype, np.dtype) and dtype.kind in "fiub":
+        return dtype.kind in "iu"  # excludes bool
     try:
         return bool(xp.isdtype(dtype, "integral"))  # excludes bool
     except (TypeError, ValueError):

@@ -267,6 +267,8 @@ constexpr int64_t kRowsPerItem = 8;
 // per-tile statistics (a dozen arrays of 128) stay in L1. Measured at 8x21x256x256 on AVX2: 64 was 5%
 // slower, 256 no faster.
 constexpr int64_t kTile = 128;
+// Classes up to this many, when contiguous, are vectorised across rows (cross_entropy_tiles, SMALL_ROWS).
+constexpr int64_t kSmallClasses = 32;
 
 inline int thread_count(int requested, int64_t elements, int64_t items) {
     const int64_t useful = std::max<int64_t>(1, elements / kMinElementsPerThread);
@@ -708,14 +710,20 @@ double cross_entropy_rows(const LossCall& call) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Strided: classes at stride `inner`, vectorised across a tile of up to kTile positions.
+// Strided: classes at stride `inner`, vectorised across a tile of up to kTile positions. With
+// SMALL_ROWS, the same for classes contiguous and few: (rows, C) is read as positions at stride C and
+// classes at stride 1, so that rows of ten classes are vectorised across rows (with gathers) instead
+// of each paying the per-row reductions and scalar remainders of cross_entropy_rows.
 
-template <class T, bool CAP>
+template <class T, bool CAP, bool SMALL_ROWS>
 double cross_entropy_tiles(const LossCall& call) {
     using C = Compute<T>;
     const Layout& L = call.layout;
     const int64_t n = L.classes;
-    const int64_t inner = L.inner;
+    const int64_t inner = SMALL_ROWS ? L.outer : L.inner;  // positions per outer index
+    const int64_t outer = SMALL_ROWS ? 1 : L.outer;
+    const int64_t cs = SMALL_ROWS ? 1 : inner;  // class stride
+    const int64_t ps = SMALL_ROWS ? n : 1;      // position stride
     const Prepared<T> P(call, CAP);
     const Store<T>* x = P.x;
     const C* w = P.w;
@@ -734,20 +742,28 @@ double cross_entropy_tiles(const LossCall& call) {
     const double denom = P.denom;
     const double g_scalar = P.g_scalar;
 
-    if (grad != nullptr && static_cast<const void*>(grad) == static_cast<const void*>(x)) {
+    // In place (see cross_entropy_rows): a tile of contiguous rows is copied first; strided positions
+    // would need a gather of the whole tile, so that layout refuses it.
+    const bool in_place = grad != nullptr && static_cast<const void*>(grad) == static_cast<const void*>(x);
+    if (in_place && !SMALL_ROWS) {
         throw std::invalid_argument("the gradient may overwrite the logits only with the classes contiguous");
     }
     const int64_t tiles_per_outer = (inner + kTile - 1) / kTile;
-    const int64_t items = L.outer * tiles_per_outer;
+    const int64_t items = outer * tiles_per_outer;
     std::vector<double> partial(static_cast<size_t>(items), 0.0);
-    const int threads = thread_count(call.threads, L.outer * n * inner, items);
+    const int threads = thread_count(call.threads, outer * n * inner, items);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t item = 0; item < items; ++item) {
         const int64_t o = item / tiles_per_outer;
         const int64_t i0 = (item % tiles_per_outer) * kTile;
         const int64_t len = std::min(kTile, inner - i0);
-        const Store<T>* xo = x + o * n * inner + i0;  // x[o, c, i0 + l] = xo[c * inner + l]
-        const Store<T>* to = targets ? targets + o * n * inner + i0 : nullptr;
+        const Store<T>* xo = x + o * n * inner + i0 * ps;  // x[o, c, i0 + l] = xo[c * cs + l * ps]
+        std::vector<Store<T>> tile_copy(in_place ? static_cast<size_t>(len * n) : 0);
+        if (in_place) {
+            std::copy(xo, xo + len * n, tile_copy.data());
+            xo = tile_copy.data();
+        }
+        const Store<T>* to = targets ? targets + o * n * inner + i0 * ps : nullptr;
         C m[kTile], part[kTile], A[kTile], B[kTile], fix_c[kTile], keep_c[kTile], x_target[kTile];
         double s_sum[kTile], wx[kTile], wtx[kTile], wt[kTile];
         double wy[kTile], xy[kTile], g[kTile], loss[kTile], Ad[kTile], Bd[kTile], fix[kTile];
@@ -775,11 +791,11 @@ double cross_entropy_tiles(const LossCall& call) {
             g[l] = grad_rows ? static_cast<double>(grad_rows[row]) : g_scalar;
         }
         for (int64_t c = 0; c < n; ++c) {
-            const Store<T>* xc = xo + c * inner;
+            const Store<T>* xc = xo + c * cs;
             const int32_t c32 = static_cast<int32_t>(c);
 #pragma omp simd
             for (int64_t l = 0; l < len; ++l) {
-                const C v = Elem<T>::load(xc[l]);
+                const C v = Elem<T>::load(xc[l * ps]);
                 m[l] = std::max(m[l], v);
                 x_target[l] = y[l] == c32 ? v : x_target[l];
             }
@@ -789,7 +805,7 @@ double cross_entropy_tiles(const LossCall& call) {
             C xt = x_target[l];
             if (CAP) {
                 m[l] = k.cap * vtanh(m[l] * k.inv_cap);
-                xt = load_logit<T, CAP>(&xo[y[l] < 0 ? 0 : static_cast<int64_t>(y[l]) * inner + l], 0, k, t);
+                xt = load_logit<T, CAP>(&xo[y[l] < 0 ? 0 : static_cast<int64_t>(y[l]) * cs + l * ps], 0, k, t);
             }
             if (m[l] == -std::numeric_limits<C>::infinity()) m[l] = 0;
             xy[l] = y[l] < 0 ? 0.0 : static_cast<double>(xt - m[l]);
@@ -809,34 +825,34 @@ double cross_entropy_tiles(const LossCall& call) {
         // For float and double, the exponentials go into the gradient buffer as they are summed, so the
         // gradient pass reads them back (from L1/L2) instead of computing each a second time.
         constexpr bool stored = std::is_same<T, C>::value;
-        Store<T>* go = grad ? grad + o * n * inner + i0 : nullptr;
+        Store<T>* go = grad ? grad + o * n * inner + i0 * ps : nullptr;
         if (stored && go) {
             tile_sum(s_sum, [&](int64_t c, int64_t l) {
                 C t;
-                const C e = vexp(load_logit<T, CAP>(xo, c * inner + l, k, t) - m[l]);
-                go[c * inner + l] = Elem<T>::store(e);
+                const C e = vexp(load_logit<T, CAP>(xo, c * cs + l * ps, k, t) - m[l]);
+                go[c * cs + l * ps] = Elem<T>::store(e);
                 return e;
             });
         } else {
             tile_sum(s_sum, [&](int64_t c, int64_t l) {
                 C t;
-                return vexp(load_logit<T, CAP>(xo, c * inner + l, k, t) - m[l]);
+                return vexp(load_logit<T, CAP>(xo, c * cs + l * ps, k, t) - m[l]);
             });
         }
         if (need_wx) {
             tile_sum(wx, [&](int64_t c, int64_t l) {
                 C t;
-                const C d = load_logit<T, CAP>(xo, c * inner + l, k, t) - m[l];
+                const C d = load_logit<T, CAP>(xo, c * cs + l * ps, k, t) - m[l];
                 return w[c] * d;
             });
         }
         if (to) {
             tile_sum(wtx, [&](int64_t c, int64_t l) {
                 C t;
-                const C wtc = w[c] * Elem<T>::load(to[c * inner + l]);
-                return wtc * (load_logit<T, CAP>(xo, c * inner + l, k, t) - m[l]);
+                const C wtc = w[c] * Elem<T>::load(to[c * cs + l * ps]);
+                return wtc * (load_logit<T, CAP>(xo, c * cs + l * ps, k, t) - m[l]);
             });
-            tile_sum(wt, [&](int64_t c, int64_t l) { return w[c] * Elem<T>::load(to[c * inner + l]); });
+            tile_sum(wt, [&](int64_t c, int64_t l) { return w[c] * Elem<T>::load(to[c * cs + l * ps]); });
         }
         // The loss and gradient coefficients per position, in one SIMD loop (the log and the divisions
         // dominate at C ~ 20).
@@ -864,32 +880,32 @@ double cross_entropy_tiles(const LossCall& call) {
         if (!go) continue;
         for (int64_t c = 0; c < n; ++c) {
             const C wc = w[c];
-            const Store<T>* xc = xo + c * inner;
-            Store<T>* gc_out = go + c * inner;
+            const Store<T>* xc = xo + c * cs;
+            Store<T>* gc_out = go + c * cs;
             if (to) {
-                const Store<T>* tc = to + c * inner;
+                const Store<T>* tc = to + c * cs;
 #pragma omp simd
                 for (int64_t l = 0; l < len; ++l) {
                     C t = 0;
-                    const C xv = load_logit<T, CAP>(xc, l, k, t);
-                    const C target = (C(1) - eps) * Elem<T>::load(tc[l]) + uniform;
-                    const C e = stored ? Elem<T>::load(gc_out[l]) : vexp(xv - m[l]);
+                    const C xv = load_logit<T, CAP>(xc, l * ps, k, t);
+                    const C target = (C(1) - eps) * Elem<T>::load(tc[l * ps]) + uniform;
+                    const C e = stored ? Elem<T>::load(gc_out[l * ps]) : vexp(xv - m[l]);
                     C gc = e * A[l] - B[l] * wc * target;
                     if constexpr (CAP) gc *= (C(1) - t) * (C(1) + t);
-                    gc_out[l] = Elem<T>::store(gc);  // probability targets have no ignored position
+                    gc_out[l * ps] = Elem<T>::store(gc);  // probability targets have no ignored position
                 }
             } else {
                 const int32_t c32 = static_cast<int32_t>(c);
 #pragma omp simd
                 for (int64_t l = 0; l < len; ++l) {
                     C t = 0;
-                    const C xv = load_logit<T, CAP>(xc, l, k, t);
+                    const C xv = load_logit<T, CAP>(xc, l * ps, k, t);
                     // p * A - B * w_c, minus (1 - eps) w_y g at the target class: the one-hot's 1.
-                    const C e = stored ? Elem<T>::load(gc_out[l]) : vexp(xv - m[l]);
+                    const C e = stored ? Elem<T>::load(gc_out[l * ps]) : vexp(xv - m[l]);
                     C gc = e * A[l] - B[l] * wc - (y[l] == c32 ? fix_c[l] : C(0));
                     if constexpr (CAP) gc *= (C(1) - t) * (C(1) + t);
                     // A select, not a multiply: an ignored position may hold NaN (all -inf logits).
-                    gc_out[l] = Elem<T>::store(keep_c[l] != C(0) ? gc : C(0));
+                    gc_out[l * ps] = Elem<T>::store(keep_c[l] != C(0) ? gc : C(0));
                 }
             }
         }
@@ -900,8 +916,13 @@ double cross_entropy_tiles(const LossCall& call) {
 template <class T>
 double cross_entropy_typed(const LossCall& call) {
     const bool cap = call.softcap > 0;
-    if (call.layout.inner == 1) return cap ? cross_entropy_rows<T, true>(call) : cross_entropy_rows<T, false>(call);
-    return cap ? cross_entropy_tiles<T, true>(call) : cross_entropy_tiles<T, false>(call);
+    if (call.layout.inner == 1) {
+        if (call.layout.classes <= kSmallClasses) {
+            return cap ? cross_entropy_tiles<T, true, true>(call) : cross_entropy_tiles<T, false, true>(call);
+        }
+        return cap ? cross_entropy_rows<T, true>(call) : cross_entropy_rows<T, false>(call);
+    }
+    return cap ? cross_entropy_tiles<T, true, false>(call) : cross_entropy_tiles<T, false, false>(call);
 }
 
 double cross_entropy(const LossCall& call) {
