@@ -20,16 +20,16 @@ ranks or 64 (a ring all-reduce moves about twice the payload per rank, whatever 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import _native, _validate
+from .. import _validate
 from ._linear import _LinearCrossEntropy, prepare_arguments
-from ._ops import _as_tensor, _numpy_view, _state, cpu_buffer
 from ._reduction import mean_denominator_and_scale, reduce_losses
+from ._vocab_slices import VocabSlice, combine, slice_gradient, slice_statistics
 
 _bounds_cache: dict[tuple[Any, int, int], tuple[int, int, int]] = {}
 
@@ -91,16 +91,23 @@ def global_target_count(
 
 @dataclasses.dataclass(frozen=True)
 class _Shard:
-    """This rank's slice [start, end) of ``total`` classes, its process group, and the global weights."""
+    """This rank's slice of the vocabulary, and the process group its slices are combined over."""
 
-    start: int
-    end: int
-    total: int
+    slice: VocabSlice
     group: Any
-    weight: torch.Tensor | None  # (total,), the same on every rank
 
-    def local_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
-        return None if self.weight is None else self.weight[self.start : self.end].to(dtype)
+    def forward(self, local: torch.Tensor, target: torch.Tensor, opts: _validate.LossOptions):
+        """Per-row losses over the whole vocabulary and the gradient's row terms: two collectives."""
+
+        def all_reduce(op: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+            def reduce(t: torch.Tensor) -> torch.Tensor:
+                dist.all_reduce(t, op=op, group=self.group)
+                return t
+
+            return reduce
+
+        stats = slice_statistics(local, target, self.slice, opts)
+        return combine(stats, target, self.slice, opts, all_reduce(dist.ReduceOp.MAX), all_reduce(dist.ReduceOp.SUM))
 
     def chunk_loss(self, opts: _validate.LossOptions) -> _ShardChunkLoss:
         return _ShardChunkLoss(self, opts)
@@ -115,194 +122,23 @@ class _ShardChunkLoss:
     opts: _validate.LossOptions  # reduction "none": per-row losses, unit upstream gradients
 
     def __call__(self, logits, target, out):
-        loss, terms = _slice_forward(logits, target, self.shard, self.opts)
+        loss, terms = self.shard.forward(logits, target, self.opts)
         if out is None:
             return loss, None
-        return loss, _slice_gradient(logits, target, self.shard, self.opts, terms, torch.ones_like(terms.A), out)
+        return loss, slice_gradient(logits, target, self.shard.slice, self.opts, terms, torch.ones_like(terms.A), out)
 
     def reduce_input_grad(self, dx: torch.Tensor) -> None:
         dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=self.shard.group)
-
-
-@dataclasses.dataclass
-class _RowTerms:
-    """What the gradient of a slice needs per row, from the global statistics (see _slice_gradient)."""
-
-    lse: torch.Tensor  # log sum_c exp(x_c) over the whole vocabulary
-    lse_local: torch.Tensor  # ... over this rank's slice
-    A: torch.Tensor  # the softmax's coefficient
-    B: torch.Tensor  # the uniform (label-smoothing) term's coefficient, times the class weight
-    fix: torch.Tensor  # the one-hot's coefficient at the target class
-    valid: torch.Tensor  # rows that count (not ignored)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _kernel_view(x: torch.Tensor) -> np.ndarray | None:
-    """A NumPy view of (rows, V_local) compute-dtype logits when the fused CPU kernel takes them."""
-    if x.device.type != "cpu" or x.shape[1] == 0 or _native.extension is None or _state["torch_ops"]:
-        return None
-    view = _numpy_view(x.contiguous())
-    return view if view is not None and _native.supports(view) else None
-
-
-def _local_logsumexp(x: torch.Tensor) -> torch.Tensor:
-    """log sum exp over this rank's classes, in one fused pass on CPU."""
-    view = _kernel_view(x)
-    if view is not None:
-        return _as_tensor(_native.KERNEL.logsumexp(view, 1, False), x.dtype)
-    return torch.logsumexp(x, 1)
-
-
-def _global_softmax_(
-    x: torch.Tensor, terms: _RowTerms, row_scale: torch.Tensor, out: torch.Tensor | None
-) -> torch.Tensor:
-    """row_scale * exp(x - lse) for this rank's slice, written into ``out`` (or a new tensor).
-
-    On CPU the kernel's fused local softmax exp(x - l_r) is rescaled by exp(l_r - lse) per row: two
-    passes over the slice instead of the subtraction, exponential and scaling of the torch ops.
-    """
-    if out is None or out.dtype != x.dtype:
-        out = cpu_buffer(tuple(x.shape), x.dtype) if x.device.type == "cpu" else torch.empty_like(x)
-    view = _kernel_view(x)
-    out_view = None if view is None else _numpy_view(out)
-    if view is not None and out_view is not None and out.is_contiguous():
-        _native.KERNEL.softmax(view, 1, out=out_view)
-        factor = torch.exp(terms.lse_local - terms.lse)  # 0 for a slice of -inf logits
-        return out.mul_((factor * row_scale)[:, None])
-    torch.sub(x, terms.lse[:, None], out=out)
-    return out.exp_().mul_(row_scale[:, None])
-
-
-def _slice_forward(
-    local: torch.Tensor, target: torch.Tensor, shard: _Shard, opts: _validate.LossOptions
-) -> tuple[torch.Tensor, _RowTerms]:
-    """Per-row losses over the whole vocabulary of (rows, V_local) logits, in two collectives.
-
-    Each rank reduces its slice to a log-sum-exp l_r; the row's shift is m = max_r l_r (a MAX
-    all-reduce), and sum_c exp(x_c - m) = sum_r exp(l_r - m), which lies in [1, ranks] so never
-    overflows. That sum goes in one SUM all-reduce with the target's shifted logit (from the rank
-    that holds it) and, as the options need them, the label-smoothing and probability-target sums.
-    """
-    probability = target.is_floating_point()
-    x = local.to(_compute_dtype(local.dtype))  # (R, Vl); no copy for float32 and float64
-    if opts.softcap is not None:
-        x = opts.softcap * torch.tanh(x / opts.softcap)
-    w_local = shard.local_weight(x.dtype)
-    w = None if shard.weight is None else shard.weight.to(x.dtype)
-    lse_local = _local_logsumexp(x)
-    m = lse_local.clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=shard.group)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an all -inf row shifts by 0
-    eps = opts.label_smoothing
-    columns = [torch.exp(lse_local - m)]
-
-    def shifted_dot(v: torch.Tensor | None) -> torch.Tensor:
-        # sum_c v_c (x_c - m) per row, without an (R, Vl) temporary of x - m.
-        if v is None:
-            return x.sum(1) - m * x.shape[1]
-        if v.ndim == 1:
-            return x @ v - m * v.sum()
-        return torch.linalg.vecdot(v, x) - m * v.sum(1)
-
-    if probability:
-        wt = target.to(x.dtype) if w_local is None else target.to(x.dtype) * w_local
-        columns += [shifted_dot(wt), wt.sum(1)]
-        valid = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    else:
-        valid = target != opts.ignore_index
-        local_y = target - shard.start
-        mine = valid & (local_y >= 0) & (local_y < shard.end - shard.start)
-        picked = torch.gather(x, 1, torch.where(mine, local_y, 0)[:, None])[:, 0] - m
-        columns.append(torch.where(mine, picked, torch.zeros_like(picked)))
-    if eps > 0:
-        columns.append(shifted_dot(w_local))
-    packed = torch.stack(columns, 1)  # (R, k)
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=shard.group)
-    log_s = torch.log(packed[:, 0])
-    lse = m + log_s
-    w_total = float(shard.total) if w is None else w.sum()
-    uniform = eps / shard.total
-    if probability:
-        wtx, wt_sum = packed[:, 1], packed[:, 2]
-        wx = packed[:, 3] if eps > 0 else torch.zeros_like(log_s)
-        wt_s = (1 - eps) * wt_sum + uniform * w_total
-        loss = log_s * wt_s - ((1 - eps) * wtx + uniform * wx)
-        A, B, fix = wt_s, torch.ones_like(log_s), torch.zeros_like(log_s)
-    else:
-        xy = packed[:, 1]
-        wx = packed[:, 2] if eps > 0 else torch.zeros_like(log_s)
-        safe = torch.where(valid, target, 0)
-        one = torch.ones_like(log_s)
-        w_y = torch.where(valid, one if w is None else w[safe], torch.zeros_like(log_s))
-        loss = (1 - eps) * w_y * (log_s - xy) + uniform * (log_s * w_total - wx)
-        A = (1 - eps) * w_y + uniform * w_total
-        B = torch.full_like(log_s, uniform)
-        fix = (1 - eps) * w_y
-    if opts.z_loss > 0:
-        loss = loss + opts.z_loss * lse**2
-        A = A + 2 * opts.z_loss * lse
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
-    return loss, _RowTerms(lse, lse_local, A, B, fix, valid)
-
-
-def _slice_gradient(
-    local: torch.Tensor,
-    target: torch.Tensor,
-    shard: _Shard,
-    opts: _validate.LossOptions,
-    terms: _RowTerms,
-    upstream: torch.Tensor,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """d(loss)/d(local logits) for per-row upstream gradients, written in place into one buffer.
-
-    grad = upstream * (A * softmax(x) - B * w - fix * onehot(y))  (hard targets), or
-    grad = upstream * (A * softmax(x) - w * t')                   (probability targets, t' smoothed),
-    times 1 - tanh(x / cap)^2 with a soft cap; rows that do not count get 0.
-    """
-    dtype = _compute_dtype(local.dtype)
-    x = local.to(dtype)
-    tanh_x = None
-    if opts.softcap is not None:
-        tanh_x = torch.tanh(x / opts.softcap)
-        x = opts.softcap * tanh_x
-    g = torch.where(terms.valid, upstream.to(dtype), torch.zeros_like(terms.A))
-    grad = _global_softmax_(x, terms, terms.A * g, out)
-    w_local = shard.local_weight(dtype)
-    if target.is_floating_point():
-        t_prime = (1 - opts.label_smoothing) * target.to(dtype) + opts.label_smoothing / shard.total
-        if w_local is not None:
-            t_prime = t_prime * w_local
-        grad.sub_(t_prime.mul_(g[:, None]))
-    else:
-        if opts.label_smoothing > 0:  # B is 0 without smoothing: skip a pass over the slice
-            coefficient = (terms.B * g)[:, None]
-            grad.sub_(coefficient if w_local is None else coefficient * w_local)
-        local_y = target - shard.start
-        mine = terms.valid & (local_y >= 0) & (local_y < shard.end - shard.start)
-        rows = torch.nonzero(mine).squeeze(1)
-        grad[rows, local_y[rows]] -= (terms.fix * g)[rows]
-    # Ignored rows were scaled by 0 above, but a row of -inf logits gives NaN there: zero them (by
-    # index, to touch only those rows).
-    grad.index_fill_(0, torch.nonzero(~terms.valid).squeeze(1), 0.0)
-    if tanh_x is not None:
-        grad.mul_((1 - tanh_x) * (1 + tanh_x))
-    if out is not None and grad is not out:
-        return out.copy_(grad)
-    return grad.to(local.dtype)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, local: torch.Tensor, target: torch.Tensor, normalizer: torch.Tensor | None,
                 shard: _Shard, opts: _validate.LossOptions) -> torch.Tensor:  # fmt: skip
-        loss, terms = _slice_forward(local, target, shard, opts)
+        loss, terms = shard.forward(local, target, opts)
         # The mean's denominator needs no communication: every rank holds every row's target.
         rows = local.shape[0]
-        denom, scale = mean_denominator_and_scale(target, shard.weight, opts, rows=rows, normalizer=normalizer)
+        denom, scale = mean_denominator_and_scale(target, shard.slice.weight, opts, rows=rows, normalizer=normalizer)
         ctx.save_for_backward(local, target)
         ctx.terms, ctx.shard, ctx.opts, ctx.scale = terms, shard, opts, scale
         return reduce_losses(loss, denom, opts).to(local.dtype)
@@ -315,7 +151,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             upstream = grad_loss
         else:
             upstream = (grad_loss.to(torch.float64) * ctx.scale).expand(local.shape[0])
-        grad = _slice_gradient(local, target, ctx.shard, opts, terms, upstream)
+        grad = slice_gradient(local, target, ctx.shard.slice, opts, terms, upstream)
         return grad, None, None, None, None
 
 
@@ -382,7 +218,7 @@ def vocab_parallel_cross_entropy(
         norm = torch.tensor(float(norm), dtype=torch.float64, device=local_logits.device)
     x2 = local_logits.reshape(-1, local_size)
     t2 = target.reshape(-1, local_size) if probability else target.reshape(-1)
-    shard = _Shard(start, end, total, group, weight)
+    shard = _Shard(VocabSlice(start, end, total, weight), group)
     loss = _VocabParallelCrossEntropy.apply(x2, t2, norm, shard, opts)
     return loss.reshape(rows_shape) if opts.reduction == "none" else loss
 
@@ -437,7 +273,7 @@ def vocab_parallel_linear_cross_entropy(
         raise ValueError(f"local_weight must have shape (V_local, D), got {tuple(local_weight.shape)}")
     start, end, total = _slice_bounds(local_weight.shape[0], group, vocab_start, vocab_size)
     args = prepare_arguments(hidden, local_weight, target, local_bias, weight, opts, chunk_size, total_classes=total)
-    shard = _Shard(start, end, total, group, weight)
+    shard = _Shard(VocabSlice(start, end, total, weight), group)
     loss = _LinearCrossEntropy.apply(args.x, local_weight, local_bias, args.target, weight, args.normalizer, opts,
                                      args.chunk, shard)  # fmt: skip
     return loss.reshape(args.batch) if opts.reduction == "none" else loss
