@@ -266,6 +266,54 @@ def test_linear_cross_entropy_is_chunk_size_invariant_and_skips_ignored_rows():
     assert torch.all(results[0][1][::3] == 0)  # ignored rows get no gradient
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("probability", [False, True])
+@pytest.mark.parametrize(
+    "options", [{"label_smoothing": 0.1, "weighted": True, "bias": True}, {"z_loss": 1e-3, "softcap": 4.0}], ids=str
+)
+def test_linear_cross_entropy_in_vocabulary_chunks_matches_the_naive_loss(path, reduction, probability, options):
+    # Chunks of 6 rows x 10 classes: each chunk's logits are computed per vocabulary chunk, twice.
+    g = torch.Generator().manual_seed(6)
+    kw = {k: v for k, v in options.items() if k not in ("weighted", "bias")}
+    x = torch.randn(20, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(37, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(37, generator=g, dtype=torch.float64, requires_grad=True) if options.get("bias") else None
+    if options.get("weighted"):
+        kw["weight"] = torch.rand(37, generator=g, dtype=torch.float64) + 0.5
+    if probability:
+        y = torch.softmax(torch.randn(20, 37, generator=g, dtype=torch.float64), 1)
+    else:
+        y = torch.randint(0, 37, (20,), generator=g)
+        y[::4] = -100
+    params = [x, W] + ([b] if b is not None else [])
+    with _path(path):
+        ours = ct.linear_cross_entropy(
+            x, W, y, linear_bias=b, reduction=reduction, chunk_size=6, vocab_chunk_size=10, **kw
+        )
+    naive = ct.cross_entropy(F.linear(x, W, b), y, reduction=reduction, **kw)
+    if "softcap" not in kw and "z_loss" not in kw:  # torch's own loss where it has the options
+        torch.testing.assert_close(naive, F.cross_entropy(F.linear(x, W, b), y, reduction=reduction, **kw))
+    torch.testing.assert_close(ours, naive)
+    upstream = torch.rand(ours.shape, generator=g, dtype=torch.float64) if reduction == "none" else None
+    for a, c in zip(
+        torch.autograd.grad(ours, params, upstream), torch.autograd.grad(naive, params, upstream), strict=True
+    ):
+        torch.testing.assert_close(a, c)
+
+
+def test_linear_chunks_stay_within_the_memory_budget_at_any_vocabulary():
+    from crossent.torch._linear import _CHUNK_BUDGET_BYTES, _chunk_shape
+
+    for vocab, itemsize in [(32768, 4), (131072, 2), (262144, 4), (2**20, 2), (2**22, 4)]:
+        rows, classes = _chunk_shape(vocab, itemsize, None, None)
+        chunk_bytes = rows * classes * (2 * itemsize + 4)
+        assert rows >= 128 and classes <= vocab
+        assert chunk_bytes <= 4 * _CHUNK_BUDGET_BYTES, (vocab, itemsize, rows, classes)
+        if classes < vocab:  # split: one budget
+            assert chunk_bytes <= _CHUNK_BUDGET_BYTES
+
+
 def test_linear_cross_entropy_probability_targets():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
@@ -288,6 +336,8 @@ def test_linear_module_and_argument_checks():
         ct.linear_cross_entropy(x, loss.linear.weight, torch.tensor([0, 1, 20, 3, 4]))
     with pytest.raises(ValueError, match="chunk_size must be at least 1"):
         ct.linear_cross_entropy(x, loss.linear.weight, y, chunk_size=0)
+    with pytest.raises(ValueError, match="vocab_chunk_size must be at least 1, got 0"):
+        ct.linear_cross_entropy(x, loss.linear.weight, y, vocab_chunk_size=0)
 
 
 def test_import_crossent_does_not_import_torch():

@@ -31,6 +31,8 @@ class LinearCase:
 
 LINEAR_CASES = [
     LinearCase("N=2048 D=512 V=32768 f32", 2048, 512, 32768, "float32", 3),
+    # A vocabulary past the split threshold: crossent chunks it too.
+    LinearCase("N=1024 D=256 V=262144 f32", 1024, 256, 262144, "float32", 2),
     LinearCase("N=4096 D=1024 V=131072 bf16", 4096, 1024, 131072, "bfloat16", 1),
 ]
 QUICK_LINEAR_CASES = [LinearCase("N=1024 D=256 V=16384 f32", 1024, 256, 16384, "float32", 2)]

@@ -18,21 +18,34 @@ from .. import _native, _validate
 from .._validate import LossOptions, LossShape
 from ._ops import _as_tensor, _numpy_view, _state, _torch_loss_and_grad, cpu_buffer
 from ._reduction import mean_denominator_and_scale, reduce_losses
+from ._vocab_slices import SliceStats, VocabSlice, combine, compute_dtype, slice_gradient, slice_statistics
 
 # Memory budget of one chunk: its logits and their gradient (rows x V each, in the input dtype) plus
 # float32 scratch, i.e. rows * V * (2 * itemsize + 4) bytes. 32 MiB keeps the extra memory beyond the
 # outputs (dW is V x D in float32 whatever we do) a few percent of the naive N x V logits at LLM sizes.
 # Chunks of fewer than 128 rows would make each matmul re-read W (V x D) for too little work, so 128
 # rows is the floor even when it exceeds the budget (V = 32768 float32: 128 rows = 16 MiB a buffer).
+# Past 4 budgets for 128 rows (V > 87k float32, V > 131k bfloat16) the vocabulary is chunked too: the
+# logits are then computed twice (once for the statistics, once for the gradient), a fourth matmul
+# that buys memory bounded by the budget whatever V is.
 _CHUNK_BUDGET_BYTES = 32 << 20
 _MIN_CHUNK_ROWS = 128
+_VOCAB_SPLIT_BUDGETS = 4
 
 
-def _chunk_rows(n_classes: int, itemsize: int, chunk_size: int | None) -> int:
+def _chunk_shape(
+    n_classes: int, itemsize: int, chunk_size: int | None, vocab_chunk_size: int | None
+) -> tuple[int, int]:
+    """(rows, classes) of one chunk."""
+    per_class = 2 * itemsize + 4  # logits + gradient in the input dtype + float32 scratch
     if chunk_size is not None:
-        return chunk_size
-    per_row = n_classes * (2 * itemsize + 4)  # logits + gradient in the input dtype + float32 scratch
-    return max(_MIN_CHUNK_ROWS, _CHUNK_BUDGET_BYTES // per_row)
+        return chunk_size, vocab_chunk_size or n_classes
+    rows = max(_MIN_CHUNK_ROWS, _CHUNK_BUDGET_BYTES // (n_classes * per_class))
+    if vocab_chunk_size is not None:
+        return rows, vocab_chunk_size
+    if rows * n_classes * per_class <= _VOCAB_SPLIT_BUDGETS * _CHUNK_BUDGET_BYTES:
+        return rows, n_classes
+    return rows, max(1, _CHUNK_BUDGET_BYTES // (rows * per_class))
 
 
 def _chunk_loss_and_grad(
@@ -101,20 +114,10 @@ def _sweep(
     grads = None
     if upstream is not None:
         acc = torch.float32 if W.dtype != torch.float64 else torch.float64
-
-        def buffer(shape: tuple[int, ...], dtype: torch.dtype, zero: bool) -> torch.Tensor:
-            if x.device.type == "cpu":
-                return cpu_buffer(shape, dtype, zero=zero)  # huge pages: cheaper first touch
-            return (
-                torch.zeros(shape, dtype=dtype, device=x.device)
-                if zero
-                else torch.empty(shape, dtype=dtype, device=x.device)
-            )
-
-        dx = buffer(tuple(x.shape), x.dtype, True)
-        dW = buffer((v, d), acc, True)
-        db = None if b is None else buffer((v,), acc, True)
-        scratch = buffer((min(chunk, max(1, rows.numel())), v), x.dtype, False)
+        dx = _buffer(tuple(x.shape), x.dtype, x.device, zero=True)
+        dW = _buffer((v, d), acc, x.device, zero=True)
+        db = None if b is None else _buffer((v,), acc, x.device, zero=True)
+        scratch = _buffer((min(chunk, max(1, rows.numel())), v), x.dtype, x.device)
     for start in range(0, rows.numel(), chunk):
         idx = rows[start : start + chunk]
         x_c = x.index_select(0, idx)  # (r, D)
@@ -133,9 +136,99 @@ def _sweep(
     return per_row, grads
 
 
+def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, *, zero: bool = False) -> torch.Tensor:
+    if device.type == "cpu":
+        return cpu_buffer(shape, dtype, zero=zero)  # huge pages: cheaper first touch
+    return torch.zeros(shape, dtype=dtype, device=device) if zero else torch.empty(shape, dtype=dtype, device=device)
+
+
+def _vocab_part(
+    x_c: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, t_c: torch.Tensor, v0: int, v1: int,
+    weight: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, VocabSlice]:  # fmt: skip
+    """The logits of classes [v0, v1) for a chunk of rows, the chunk's targets for them, the slice."""
+    logits = torch.nn.functional.linear(x_c, W[v0:v1], None if b is None else b[v0:v1])
+    probability = t_c.is_floating_point()
+    return logits, (t_c[:, v0:v1] if probability else t_c), VocabSlice(v0, v1, W.shape[0], weight)
+
+
+def _sweep_vocab_chunks(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    b: torch.Tensor | None,
+    target: torch.Tensor,
+    rows: torch.Tensor,
+    chunk: int,
+    vocab_chunk: int,
+    upstream: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    opts: LossOptions,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]:
+    """_sweep for a vocabulary too large for one chunk of rows: each chunk's logits are computed a
+    vocabulary chunk at a time, for the chunks' statistics (combined by crossent.torch._vocab_slices
+    into the loss), then once more for the gradient."""
+    n, d = x.shape
+    v = W.shape[0]
+    compute = compute_dtype(x.dtype)
+    per_row = torch.zeros(n, dtype=compute, device=x.device)
+    bounds = [(start, min(v, start + vocab_chunk)) for start in range(0, v, vocab_chunk)]
+    grads = None
+    if upstream is not None:
+        acc = torch.float32 if W.dtype != torch.float64 else torch.float64
+        dx = _buffer(tuple(x.shape), x.dtype, x.device, zero=True)
+        dW = _buffer((v, d), acc, x.device, zero=True)
+        db = None if b is None else _buffer((v,), acc, x.device, zero=True)
+        scratch = _buffer((min(chunk, max(1, rows.numel())) * vocab_chunk,), compute, x.device)
+        grads = (dx, dW, db)
+
+    for start in range(0, rows.numel(), chunk):
+        idx = rows[start : start + chunk]
+        x_c, t_c = x.index_select(0, idx), target.index_select(0, idx)
+
+        stats = [slice_statistics(*_vocab_part(x_c, W, b, t_c, v0, v1, weight), opts) for v0, v1 in bounds]
+        whole = VocabSlice(0, v, v, weight)
+        loss_c, terms = combine(SliceStats.stack(stats), t_c, whole, opts, lambda t: t.amax(0), lambda t: t.sum(0))
+        per_row.index_copy_(0, idx, loss_c)
+        if upstream is None:
+            continue
+        g_c = upstream.index_select(0, idx)
+        dx_c = torch.zeros(idx.numel(), d, dtype=compute, device=x.device)
+        for k, (v0, v1) in enumerate(bounds):
+            logits, t_k, sl = _vocab_part(x_c, W, b, t_c, v0, v1, weight)
+            out = scratch[: idx.numel() * (v1 - v0)].view(idx.numel(), v1 - v0)
+            terms_k = dataclasses.replace(terms, lse_local=stats[k].lse)
+            dlogits = slice_gradient(logits, t_k, sl, opts, terms_k, g_c, out=out)
+            dx_c += (dlogits.to(W.dtype) @ W[v0:v1]).to(compute)
+            dW[v0:v1].addmm_(dlogits.t().to(acc), x_c.to(acc))  # float32 accumulation over chunks
+            if db is not None:
+                db[v0:v1] += dlogits.sum(0, dtype=acc)
+        dx.index_copy_(0, idx, dx_c.to(dx.dtype))
+    return per_row, grads
+
+
+def _run_sweep(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    b: torch.Tensor | None,
+    target: torch.Tensor,
+    rows: torch.Tensor,
+    chunk: tuple[int, int],
+    upstream: torch.Tensor | None,
+    chunk_loss: ChunkLoss,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]:
+    """_sweep, or _sweep_vocab_chunks when one chunk of rows holds only part of the vocabulary (in one
+    process; a vocabulary-parallel rank works on its whole slice)."""
+    row_chunk, vocab_chunk = chunk
+    if isinstance(chunk_loss, _LocalChunkLoss) and vocab_chunk < W.shape[0]:
+        return _sweep_vocab_chunks(
+            x, W, b, target, rows, row_chunk, vocab_chunk, upstream, chunk_loss.weight, chunk_loss.opts
+        )
+    return _sweep(x, W, b, target, rows, row_chunk, upstream, chunk_loss)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x, W, b, target, weight, normalizer, opts: LossOptions, chunk: int, sharded=None):
+    def forward(ctx: Any, x, W, b, target, weight, normalizer, opts: LossOptions, chunk: tuple[int, int], sharded=None):
         probability = target.is_floating_point()
         if probability:
             rows = torch.arange(x.shape[0], device=x.device)
@@ -152,7 +245,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # The source of each chunk's loss: this process's kernel, or a vocabulary-parallel shard
         # (crossent.torch.distributed), which also all-reduces the input's gradient over the ranks.
         chunk_loss = _LocalChunkLoss(weight, row_opts) if sharded is None else sharded.chunk_loss(row_opts)
-        per_row, grads = _sweep(x, W, b, target, rows, chunk, upstream, chunk_loss)
+        per_row, grads = _run_sweep(x, W, b, target, rows, chunk, upstream, chunk_loss)
         if grads is not None:
             chunk_loss.reduce_input_grad(grads[0])
         ctx.chunk_loss, ctx.chunk = chunk_loss, chunk
@@ -190,7 +283,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         b = saved[2] if ctx.has_bias else None
         rest = saved[3:] if ctx.has_bias else saved[2:]
         target, rows = rest[0], rest[1]
-        _, grads = _sweep(x, W, b, target, rows, ctx.chunk, grad_loss.to(torch.float32), ctx.chunk_loss)
+        _, grads = _run_sweep(x, W, b, target, rows, ctx.chunk, grad_loss.to(torch.float32), ctx.chunk_loss)
         assert grads is not None
         dx, dW, db = grads
         ctx.chunk_loss.reduce_input_grad(dx)
@@ -213,6 +306,7 @@ def linear_cross_entropy(
     normalizer: float | torch.Tensor | None = None,
     zero_if_all_ignored: bool = False,
     chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
 ) -> torch.Tensor:
     r"""``cross_entropy(input @ linear_weight.T + linear_bias, target)`` without materialising the logits.
 
@@ -229,6 +323,10 @@ def linear_cross_entropy(
     target : Tensor, shape (...) of class indices, or (..., V) of class probabilities
     chunk_size : int, optional
         Rows per chunk; by default derived from a 32 MiB budget for one chunk's logits and gradient.
+    vocab_chunk_size : int, optional
+        Classes per chunk; by default all of them, unless 128 rows of the whole vocabulary would take
+        more than four budgets (V > 87k float32, V > 131k bfloat16). The logits of a vocabulary chunk are
+        computed twice, for the loss and for the gradient.
 
     Examples
     --------
@@ -249,7 +347,9 @@ def linear_cross_entropy(
     # the batch chunk size.
     if options is not None and chunk_size is None:
         chunk_size = getattr(options, "batch_chunk_size", None)
-    args = prepare_arguments(input, linear_weight, target, linear_bias, weight, opts, chunk_size)
+    args = prepare_arguments(
+        input, linear_weight, target, linear_bias, weight, opts, chunk_size, vocab_chunk_size=vocab_chunk_size
+    )
     loss = _LinearCrossEntropy.apply(args.x, linear_weight, linear_bias, args.target, weight, args.normalizer, opts,
                                      args.chunk)  # fmt: skip
     return loss.reshape(args.batch) if opts.reduction == "none" else loss
@@ -260,7 +360,7 @@ class LinearArguments:
     x: torch.Tensor  # (rows, D)
     target: torch.Tensor  # (rows,) class ids or (rows, V) probabilities
     normalizer: torch.Tensor | None
-    chunk: int
+    chunk: tuple[int, int]  # rows, classes
     batch: tuple[int, ...]
 
 
@@ -273,6 +373,7 @@ def prepare_arguments(
     opts: LossOptions,
     chunk_size: int | None,
     *,
+    vocab_chunk_size: int | None = None,
     total_classes: int | None = None,
 ) -> LinearArguments:
     """Check the linear loss's arguments and flatten them to rows. ``total_classes``: the class count
@@ -287,10 +388,9 @@ def prepare_arguments(
         )
     if linear_bias is not None and tuple(linear_bias.shape) != (n_classes,):
         raise ValueError(f"linear_bias must have shape ({n_classes},), got {tuple(linear_bias.shape)}")
-    if chunk_size is not None:
-        chunk_size = _validate.check_int(chunk_size, "chunk_size")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    for name, size in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
+        if size is not None and _validate.check_int(size, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {size}")
     batch = tuple(input.shape[:-1])
     x2 = input.reshape(-1, in_features)
     probability = target.is_floating_point()
@@ -307,5 +407,5 @@ def prepare_arguments(
     norm = opts.normalizer
     if norm is not None and not isinstance(norm, torch.Tensor):
         norm = torch.tensor(float(norm), dtype=torch.float64, device=input.device)
-    chunk = _chunk_rows(n_classes, input.element_size(), chunk_size)
+    chunk = _chunk_shape(n_classes, input.element_size(), chunk_size, vocab_chunk_size)
     return LinearArguments(x2, t2, norm, chunk, batch)

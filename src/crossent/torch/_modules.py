@@ -127,6 +127,7 @@ class LinearCrossEntropyLoss(nn.Module):
         z_loss: float = 0.0,
         softcap: float | None = None,
         chunk_size: int | None = None,
+        vocab_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         _validate.loss_options(
@@ -136,11 +137,13 @@ class LinearCrossEntropyLoss(nn.Module):
         self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.register_buffer("weight", weight)
         self.reduction, self.ignore_index, self.label_smoothing = reduction, ignore_index, label_smoothing
-        self.z_loss, self.softcap, self.chunk_size = z_loss, softcap, chunk_size
+        self.z_loss, self.softcap = z_loss, softcap
+        self.chunk_size, self.vocab_chunk_size = chunk_size, vocab_chunk_size
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return linear_cross_entropy(
             input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
             reduction=self.reduction, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
             z_loss=self.z_loss, softcap=self.softcap, chunk_size=self.chunk_size,
+            vocab_chunk_size=self.vocab_chunk_size,
         )  # fmt: skip
