@@ -130,6 +130,32 @@ def loss_options(
     normalizer: Any = None,
     zero_if_all_ignored: Any = False,
 ) -> LossOptions:
+    """The checked options. Plain Python values are checked once per distinct combination (a small
+    input's call would otherwise spend a sizeable share of its time here); the key holds each value's
+    type, so that True is not taken for 1. Arrays (a 0-d normalizer) are checked every time."""
+    args = (reduction, ignore_index, label_smoothing, z_loss, softcap, normalizer, zero_if_all_ignored)
+    if all(type(a) in _PLAIN_TYPES for a in args):
+        return _cached_loss_options(tuple((type(a), a) for a in args))
+    return _loss_options(*args)
+
+
+_PLAIN_TYPES = (str, int, float, bool, type(None))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_loss_options(key: tuple[tuple[type, Any], ...]) -> LossOptions:
+    return _loss_options(*(value for _, value in key))
+
+
+def _loss_options(
+    reduction: Any,
+    ignore_index: Any,
+    label_smoothing: Any,
+    z_loss: Any,
+    softcap: Any,
+    normalizer: Any,
+    zero_if_all_ignored: Any,
+) -> LossOptions:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     check_int(ignore_index, "ignore_index")

@@ -111,7 +111,7 @@ def _cross_entropy(
     if loss_rows is not None:
         loss = loss_rows.reshape(shape.batch_shape).astype(dtype)
     else:
-        loss = np.asarray(total).astype(dtype)
+        loss = np.array(total, dtype=dtype)
     return loss, grad
 
 
@@ -144,7 +144,7 @@ class NativeKernel:
         )  # fmt: skip
         if loss_rows is not None:
             return loss_rows.reshape(shape.batch_shape).astype(dtype)
-        return np.asarray(total).astype(dtype)
+        return np.array(total, dtype=dtype)
 
     @staticmethod
     def _softmax(x: Any, axis: int, op: int, out: np.ndarray | None = None) -> Any:
