@@ -108,6 +108,16 @@ def test_bad_input_raises_a_clear_error(call, error, pattern):
         call()
 
 
+def test_checked_options_are_remembered_per_type_not_just_per_value():
+    # 1 and True, 0 and False hash alike: a cached check of the first must not let the second through.
+    crossent.cross_entropy(X, Y, ignore_index=1, zero_if_all_ignored=False)
+    with pytest.raises(TypeError, match="ignore_index must be an int, got True"):
+        crossent.cross_entropy(X, Y, ignore_index=True)
+    crossent.cross_entropy(X, Y, label_smoothing=0)
+    with pytest.raises(TypeError, match="zero_if_all_ignored must be a bool, got 0"):
+        crossent.cross_entropy(X, Y, zero_if_all_ignored=0)
+
+
 def test_arrays_from_two_libraries_are_refused():
     torch = pytest.importorskip("torch")
     strict = pytest.importorskip("array_api_strict")
