@@ -569,13 +569,14 @@ void option_sums(const Store<T>* x, const Store<T>* t_row, const Compute<T>* w, 
 }
 
 // grad_c = p_c * A - B * w_c [* t'_c], times (1 - tanh^2) under the soft cap, with p_c = exp(x'_c - m) / s.
-// For float and double the exponentials are already in `grad` (stored by online_row against each
-// chunk's shift); half types recompute them, since storing them in half precision would cost accuracy.
+// The exponentials exp(x'_c - shift) are in `exps` (stored by online_row against each chunk's shift): the
+// gradient buffer itself for float and double, a float row of the thread's own for the half types
+// (storing them in half precision would cost accuracy).
 template <class T, bool CAP>
 void row_gradient(const LossCall& call, const Store<T>* x, const Store<T>* t_row, const Compute<T>* w, const Consts<Compute<T>>& k,
-                  const RowSums& S, const RowTerms& R, const Compute<T>* chunk_shift, Store<T>* grad) {
+                  const RowSums& S, const RowTerms& R, const Compute<T>* chunk_shift, const Compute<T>* exps,
+                  Store<T>* grad) {
     using C = Compute<T>;
-    constexpr bool stored = std::is_same<T, C>::value;
     const int64_t n = call.layout.classes;
     if (!R.valid) {
         const Store<T> zero = Elem<T>::store(C(0));
@@ -591,19 +592,13 @@ void row_gradient(const LossCall& call, const Store<T>* x, const Store<T>* t_row
     for (int64_t b = 0, chunk = 0; b < n; b += step, ++chunk) {
         const int64_t e = std::min(n, b + step);
         // p_c * A = exp(x'_c - shift_k) * exp(shift_k - m) * A / s
-        const C factor = stored ? static_cast<C>(std::exp(static_cast<double>(chunk_shift[chunk]) - S.m) * A_over_s)
-                                : static_cast<C>(A_over_s);
+        const C factor = static_cast<C>(std::exp(static_cast<double>(chunk_shift[chunk]) - S.m) * A_over_s);
         if (t_row) {
 #pragma omp simd
             for (int64_t c = b; c < e; ++c) {
                 C t = 0;
-                C ec;
-                if constexpr (stored) {
-                    ec = Elem<T>::load(grad[c]);
-                    if constexpr (CAP) t = vtanh(Elem<T>::load(x[c]) * k.inv_cap);
-                } else {
-                    ec = vexp(load_logit<T, CAP>(x, c, k, t) - m);
-                }
+                const C ec = exps[c];
+                if constexpr (CAP) t = vtanh(Elem<T>::load(x[c]) * k.inv_cap);
                 const C target = (C(1) - eps) * Elem<T>::load(t_row[c]) + uniform;
                 C gc = ec * factor - B * w[c] * target;
                 if constexpr (CAP) gc *= (C(1) - t) * (C(1) + t);
@@ -613,13 +608,8 @@ void row_gradient(const LossCall& call, const Store<T>* x, const Store<T>* t_row
 #pragma omp simd
             for (int64_t c = b; c < e; ++c) {
                 C t = 0;
-                C ec;
-                if constexpr (stored) {
-                    ec = Elem<T>::load(grad[c]);
-                    if constexpr (CAP) t = vtanh(Elem<T>::load(x[c]) * k.inv_cap);
-                } else {
-                    ec = vexp(load_logit<T, CAP>(x, c, k, t) - m);
-                }
+                const C ec = exps[c];
+                if constexpr (CAP) t = vtanh(Elem<T>::load(x[c]) * k.inv_cap);
                 C gc = ec * factor - B * w[c];
                 if constexpr (CAP) gc *= (C(1) - t) * (C(1) + t);
                 grad[c] = Elem<T>::store(gc);
@@ -668,6 +658,8 @@ double cross_entropy_rows(const LossCall& call) {
     for (int64_t item = 0; item < items; ++item) {
         C chunk_shift[kMaxChunks];
         std::vector<Store<T>> row_copy(in_place ? static_cast<size_t>(n) : 0);
+        // Half types: the row's exponentials in float, for the gradient pass (a thread's row, in L2).
+        std::vector<C> half_exps(!stored && grad ? static_cast<size_t>(n) : 0);
         double sum = 0.0;
         const int64_t r_end = std::min(rows, (item + 1) * kRowsPerItem);
         for (int64_t r = item * kRowsPerItem; r < r_end; ++r) {
@@ -688,7 +680,13 @@ double cross_entropy_rows(const LossCall& call) {
             RowSums S;
             if (R.valid) {
                 C* e_out = nullptr;
-                if constexpr (stored) e_out = gr;
+                if (gr) {
+                    if constexpr (stored) {
+                        e_out = gr;
+                    } else {
+                        e_out = half_exps.data();
+                    }
+                }
                 online_row<T, CAP>(xr, n, k, e_out, chunk_shift, S);
                 option_sums<T, CAP>(xr, tr, w, n, k, need_wx, S);
                 if (!probability) {
@@ -702,7 +700,15 @@ double cross_entropy_rows(const LossCall& call) {
             }
             if (loss_rows) loss_rows[r] = static_cast<C>(R.loss);
             sum += R.loss;
-            if (gr) row_gradient<T, CAP>(call, xr, tr, w, k, S, R, chunk_shift, gr);
+            if (gr) {
+                const C* e = nullptr;
+                if constexpr (stored) {
+                    e = gr;
+                } else {
+                    e = half_exps.data();
+                }
+                row_gradient<T, CAP>(call, xr, tr, w, k, S, R, chunk_shift, e, gr);
+            }
         }
         partial[static_cast<size_t>(item)] = sum;
     }
