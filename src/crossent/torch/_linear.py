@@ -108,15 +108,12 @@ def _sweep(
     chunk_loss: ChunkLoss,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]:
     """One pass over the counted rows: per-row losses, and with ``upstream`` (per row) the gradients."""
-    n, d = x.shape
+    n = x.shape[0]
     v = W.shape[0]
     per_row = torch.zeros(n, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
     grads = None
     if upstream is not None:
-        acc = torch.float32 if W.dtype != torch.float64 else torch.float64
-        dx = _buffer(tuple(x.shape), x.dtype, x.device, zero=True)
-        dW = _buffer((v, d), acc, x.device, zero=True)
-        db = None if b is None else _buffer((v,), acc, x.device, zero=True)
+        dx, dW, db = _grad_buffers(x, W, b)
         scratch = _buffer((min(chunk, max(1, rows.numel())), v), x.dtype, x.device)
     for start in range(0, rows.numel(), chunk):
         idx = rows[start : start + chunk]
@@ -152,6 +149,17 @@ def _vocab_part(
     return logits, (t_c[:, v0:v1] if probability else t_c), VocabSlice(v0, v1, W.shape[0], weight)
 
 
+def _grad_buffers(
+    x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Zeroed gradients of the input, the weight and the bias; the last two in float32 (float64 for a
+    float64 weight), whatever the weight's dtype, since they accumulate over the chunks."""
+    acc = torch.float32 if W.dtype != torch.float64 else torch.float64
+    dx = _buffer(tuple(x.shape), x.dtype, x.device, zero=True)
+    dW = _buffer(tuple(W.shape), acc, x.device, zero=True)
+    return dx, dW, None if b is None else _buffer((W.shape[0],), acc, x.device, zero=True)
+
+
 def _sweep_vocab_chunks(
     x: torch.Tensor,
     W: torch.Tensor,
@@ -174,12 +182,9 @@ def _sweep_vocab_chunks(
     bounds = [(start, min(v, start + vocab_chunk)) for start in range(0, v, vocab_chunk)]
     grads = None
     if upstream is not None:
-        acc = torch.float32 if W.dtype != torch.float64 else torch.float64
-        dx = _buffer(tuple(x.shape), x.dtype, x.device, zero=True)
-        dW = _buffer((v, d), acc, x.device, zero=True)
-        db = None if b is None else _buffer((v,), acc, x.device, zero=True)
+        grads = dx, dW, db = _grad_buffers(x, W, b)
+        acc = dW.dtype
         scratch = _buffer((min(chunk, max(1, rows.numel())) * vocab_chunk,), compute, x.device)
-        grads = (dx, dW, db)
 
     for start in range(0, rows.numel(), chunk):
         idx = rows[start : start + chunk]
