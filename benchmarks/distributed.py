@@ -16,21 +16,12 @@ import json
 import os
 import pathlib
 import socket
-import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _best(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+from crossent.bench import best_of, write_report
 
 
 def _linear_problem(rows: int, hidden: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -61,7 +52,7 @@ def _rank(rank: int, world: int, port: int, rows: int, vocab: int, hidden: int, 
         cd.vocab_parallel_cross_entropy(local, target).backward()
         dist.barrier()
 
-    seconds = _best(step, repeats)
+    seconds = best_of(step, repeats)
     x, W, y = _linear_problem(rows, hidden, vocab)
     x.requires_grad_(True)
     W_local = W[rank * local_size : (rank + 1) * local_size].clone().requires_grad_(True)
@@ -71,7 +62,7 @@ def _rank(rank: int, world: int, port: int, rows: int, vocab: int, hidden: int, 
         cd.vocab_parallel_linear_cross_entropy(x, W_local, y).backward()
         dist.barrier()
 
-    linear_seconds = _best(linear_step, repeats)
+    linear_seconds = best_of(linear_step, repeats)
     if rank == 0:
         report = {"seconds": seconds, "linear_seconds": linear_seconds, "threads_per_rank": torch.get_num_threads()}
         pathlib.Path(out).write_text(json.dumps(report))
@@ -81,7 +72,6 @@ def _rank(rank: int, world: int, port: int, rows: int, vocab: int, hidden: int, 
 
 def main(argv: list[str] | None = None) -> int:
     import crossent.torch as ct
-    from crossent.bench import machine_metadata
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4096)
@@ -99,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         x.grad = None
         ct.cross_entropy(x, y).backward()
 
-    single_s = _best(single, args.repeats)
+    single_s = best_of(single, args.repeats)
     lx, lW, ly = _linear_problem(args.rows, args.hidden, args.vocab)
     lx.requires_grad_(True)
     lW.requires_grad_(True)
@@ -108,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         lx.grad = lW.grad = None
         ct.linear_cross_entropy(lx, lW, ly).backward()
 
-    single_linear_s = _best(single_linear, args.repeats)
+    single_linear_s = best_of(single_linear, args.repeats)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -119,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     payload_bytes = args.rows * 4 * (1 + 2)  # MAX of the slices' log-sum-exps, then SUM of (sum-exp, target logit)
     gathered_bytes = args.rows * args.vocab * 4
     report = {
-        "machine": machine_metadata(),
         "shape": [args.rows, args.vocab],
         "ranks": args.ranks,
         "single_process_s": single_s,
@@ -141,10 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         f"linear {args.rows // 2}x{args.hidden} @ {args.vocab}x{args.hidden} forward+backward: one process "
         f"{single_linear_s * 1e3:.1f} ms, {args.ranks} gloo ranks {parallel['linear_seconds'] * 1e3:.1f} ms"
     )
-    out = args.out or pathlib.Path(__file__).parent / "results" / f"distributed-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {out}")
+    write_report(report, args.out, "distributed", pathlib.Path(__file__).parent / "results")
     return 0
 
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import sys
-import time
 
-from crossent.bench import CASES, QUICK_CASES, format_table, machine_metadata, plot_sweep, ratio_rows, run_suite
+from crossent.bench import CASES, QUICK_CASES, format_table, plot_sweep, ratio_rows, run_suite, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,11 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run_suite(QUICK_CASES if args.quick else CASES, progress=progress)
     rows = ratio_rows(results)
     print(format_table(rows))
-    out = args.out or pathlib.Path(__file__).parent / "results" / f"kernel-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine_metadata(), "results": [dataclasses.asdict(r) for r in results], "ratios": rows}
-    out.write_text(json.dumps(payload, indent=2, default=str))
-    print(f"wrote {out}")
+    payload = {"results": [dataclasses.asdict(r) for r in results], "ratios": rows}
+    write_report(payload, args.out, "kernel", pathlib.Path(__file__).parent / "results")
     if args.plot:
         plot_sweep(results, str(args.plot))
         print(f"wrote {args.plot}")

@@ -11,12 +11,10 @@ Prints tables and writes JSON with machine metadata to benchmarks/results/linear
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
-import time
 
-from crossent.bench import machine_metadata
+from crossent.bench import best_of, write_report
 from crossent.bench.linear import (
     LINEAR_CASES,
     QUICK_LINEAR_CASES,
@@ -37,18 +35,12 @@ def compile_vs_eager(n: int, v: int, repeats: int) -> dict:
     y = torch.randint(0, v, (n,))
     compiled = torch.compile(lambda a, b: ct.cross_entropy(a, b), fullgraph=True)
 
-    def best(fn) -> float:
+    def step(fn) -> None:
+        x.grad = None
         fn(x, y).backward()
-        result = float("inf")
-        for _ in range(repeats):
-            x.grad = None
-            start = time.perf_counter()
-            fn(x, y).backward()
-            result = min(result, time.perf_counter() - start)
-        return result
 
-    eager_torch = best(F.cross_entropy)
-    crossent_compiled = best(compiled)
+    eager_torch = best_of(lambda: step(F.cross_entropy), repeats)
+    crossent_compiled = best_of(lambda: step(compiled), repeats)
     return {"shape": [n, v], "eager_torch_s": eager_torch, "crossent_compiled_s": crossent_compiled,
             "speedup": eager_torch / crossent_compiled}  # fmt: skip
 
@@ -75,10 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         f"eager torch {compiled['eager_torch_s'] * 1e3:.1f} ms, crossent compiled "
         f"{compiled['crossent_compiled_s'] * 1e3:.1f} ms ({compiled['speedup']:.2f}x)"
     )
-    out = args.out or pathlib.Path(__file__).parent / "results" / f"linear-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine_metadata(), "linear": rows, "compile": compiled}, indent=2))
-    print(f"wrote {out}")
+    write_report({"linear": rows, "compile": compiled}, args.out, "linear", pathlib.Path(__file__).parent / "results")
     if args.plot:
         plot_linear_memory(rows, str(args.plot))
         print(f"wrote {args.plot}")

@@ -5,14 +5,26 @@ The cases (one home for the benchmark shapes) and the peers live here so that bo
 ``import crossent``; torch and JAX are imported only when their peers run.
 """
 
-from .suite import CASES, QUICK_CASES, format_table, machine_metadata, plot_sweep, ratio_rows, run_suite
+from .suite import (
+    CASES,
+    QUICK_CASES,
+    best_of,
+    format_table,
+    machine_metadata,
+    plot_sweep,
+    ratio_rows,
+    run_suite,
+    write_report,
+)
 
 __all__ = [
     "CASES",
     "QUICK_CASES",
+    "best_of",
     "format_table",
     "machine_metadata",
     "plot_sweep",
     "ratio_rows",
     "run_suite",
+    "write_report",
 ]

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
+import pathlib
 import platform
 import time
 from collections.abc import Callable
@@ -88,7 +90,8 @@ class Result:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _best_of(fn: Callable[[], Any], repeats: int) -> float:
+def best_of(fn: Callable[[], Any], repeats: int) -> float:
+    """The shortest of ``repeats`` timed calls of ``fn``, after one untimed warm-up call."""
     fn()  # warm-up: JIT compilation, allocator, page faults of one-time buffers
     best = float("inf")
     for _ in range(repeats):
@@ -275,7 +278,7 @@ def run_suite(
         elif _FOOTPRINT[impl] * x.nbytes > 0.8 * _available_memory():
             result.note = "skipped: would not fit in memory"
         else:
-            result.seconds = _best_of(_PEERS[impl](x, y, mode), case.repeats)
+            result.seconds = best_of(_PEERS[impl](x, y, mode), case.repeats)
         results.append(result)
     if progress is not None:
         progress("done", len(jobs), len(jobs))
@@ -306,6 +309,17 @@ def ratio_rows(results: list[Result]) -> list[dict[str, Any]]:
             row["crossent-out_floor_ratio"] = reused / floor  # crossent with out= in multiples of the floor
         rows.append(row)
     return rows
+
+
+def write_report(payload: dict[str, Any], out: str | pathlib.Path | None, stem: str,
+                 directory: pathlib.Path = pathlib.Path(".")) -> pathlib.Path:  # fmt: skip
+    """Write a benchmark report as JSON, this machine's metadata first, to ``out`` or else to
+    ``directory/<stem>-<time>.json``; say where, and return the path."""
+    path = pathlib.Path(out) if out else directory / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine_metadata(), **payload}, indent=2, default=str))
+    print(f"wrote {path}")
+    return path
 
 
 def machine_metadata() -> dict[str, Any]:

@@ -194,9 +194,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import dataclasses
-    import time
 
-    from ..bench import CASES, QUICK_CASES, format_table, machine_metadata, plot_sweep, ratio_rows, run_suite
+    from ..bench import CASES, QUICK_CASES, format_table, plot_sweep, ratio_rows, run_suite, write_report
     from ..bench.linear import LINEAR_CASES, QUICK_LINEAR_CASES, format_linear_table, run_linear_suite
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:
@@ -215,15 +214,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if linear_rows:
         print()
         print(format_linear_table(linear_rows))
-    out = pathlib.Path(args.out or f"crossent-bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    payload = {
-        "machine": machine_metadata(),
-        "results": [dataclasses.asdict(r) for r in results],
-        "ratios": rows,
-        "linear": linear_rows,
-    }
-    out.write_text(json.dumps(payload, indent=2, default=str))
-    print(f"wrote {out}")
+    payload = {"results": [dataclasses.asdict(r) for r in results], "ratios": rows, "linear": linear_rows}
+    write_report(payload, args.out, "crossent-bench")
     if args.plot:
         plot_sweep(results, args.plot, linear_rows or None)
         print(f"wrote {args.plot}")
