@@ -919,6 +919,24 @@ double cross_entropy_tiles(const LossCall& call) {
     return reduce_items(partial, denom, call);
 }
 
+// Calls f with a value of the element type that `dtype` names (float, double, BFloat16, Half), for the
+// entry points below; an unknown code (the bindings never pass one) gives NaN.
+template <class F>
+double with_element_type(DType dtype, F f) {
+    switch (dtype) {
+        case DType::f32:
+            return f(float{});
+        case DType::f64:
+            return f(double{});
+        case DType::bf16:
+            return f(BFloat16{});
+        case DType::f16:
+            return f(Half{});
+        default:
+            return std::numeric_limits<double>::quiet_NaN();
+    }
+}
+
 template <class T>
 double cross_entropy_typed(const LossCall& call) {
     const bool cap = call.softcap > 0;
@@ -932,18 +950,7 @@ double cross_entropy_typed(const LossCall& call) {
 }
 
 double cross_entropy(const LossCall& call) {
-    switch (call.dtype) {
-        case DType::f32:
-            return cross_entropy_typed<float>(call);
-        case DType::f64:
-            return cross_entropy_typed<double>(call);
-        case DType::bf16:
-            return cross_entropy_typed<BFloat16>(call);
-        case DType::f16:
-            return cross_entropy_typed<Half>(call);
-        default:
-            return std::numeric_limits<double>::quiet_NaN();
-    }
+    return with_element_type(call.dtype, [&](auto tag) { return cross_entropy_typed<decltype(tag)>(call); });
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -983,18 +990,7 @@ double nll_typed(const LossCall& call) {
 }
 
 double nll_loss(const LossCall& call) {
-    switch (call.dtype) {
-        case DType::f32:
-            return nll_typed<float>(call);
-        case DType::f64:
-            return nll_typed<double>(call);
-        case DType::bf16:
-            return nll_typed<BFloat16>(call);
-        case DType::f16:
-            return nll_typed<Half>(call);
-        default:
-            return std::numeric_limits<double>::quiet_NaN();
-    }
+    return with_element_type(call.dtype, [&](auto tag) { return nll_typed<decltype(tag)>(call); });
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1085,18 +1081,10 @@ void softmax_typed(const SoftmaxCall& call) {
 }
 
 void softmax(const SoftmaxCall& call) {
-    switch (call.dtype) {
-        case DType::f32:
-            return softmax_typed<float>(call);
-        case DType::f64:
-            return softmax_typed<double>(call);
-        case DType::bf16:
-            return softmax_typed<BFloat16>(call);
-        case DType::f16:
-            return softmax_typed<Half>(call);
-        default:
-            return;
-    }
+    with_element_type(call.dtype, [&](auto tag) {
+        softmax_typed<decltype(tag)>(call);
+        return 0.0;
+    });
 }
 
 template <class V>
