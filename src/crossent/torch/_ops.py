@@ -64,8 +64,9 @@ def _native_loss_and_grad(
         return None
     t = _numpy_view(target.contiguous())
     w = None if weight is None else _numpy_view(weight)
-    ones = np.ones(shape.batch_shape, dtype=np.float64 if x.dtype == np.float64 else np.float32)
-    go = ones if opts.reduction == "none" else None
+    go = None  # the unit upstream gradient: a scalar for mean and sum, per element for none
+    if opts.reduction == "none":
+        go = np.ones(shape.batch_shape, dtype=np.float64 if x.dtype == np.float64 else np.float32)
     if compute_grad:
         loss, grad = _native.KERNEL.cross_entropy_and_grad(x, t, w, shape, opts, go, out=x if in_place else None)
         return _as_tensor(loss, input.dtype), input if in_place else _as_tensor(grad, input.dtype)
