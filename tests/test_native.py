@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import crossent
 from cases import grad_output_for, make_case
-from crossent import _native, _reference, _validate
+from crossent import _memory, _native, _reference, _validate
 
 pytestmark = pytest.mark.skipif(_native.extension is None, reason=f"native kernel not built: {_native.load_error}")
 
@@ -275,6 +275,27 @@ def test_no_temporary_as_large_as_the_input(mode, allowed_inputs):
     out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, mode], capture_output=True, text=True, check=True)
     peak = json.loads(out.stdout)
     assert peak["extra_kib"] <= allowed_inputs * peak["input_kib"], peak
+
+
+def test_large_outputs_are_cache_line_aligned(rng):
+    # glibc puts large blocks 16 bytes past a page: the gradient and softmax outputs must not stay there.
+    x = rng.standard_normal((512, 1000)).astype(np.float32)  # 2 MB: past the alignment threshold
+    y = rng.integers(0, 1000, 512)
+    loss, grad = crossent.cross_entropy_and_grad(x, y)
+    x64 = x.astype(np.float64)
+    log_p = x64 - x64.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    rows = np.arange(512)
+    expected_loss = -log_p[rows, y].mean()
+    expected_grad = np.exp(log_p)
+    expected_grad[rows, y] -= 1
+    expected_grad /= 512
+    assert grad.ctypes.data % 64 == 0 and grad.shape == x.shape and grad.dtype == np.float32
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    assert crossent.softmax(x, axis=1).ctypes.data % 64 == 0
+    zeros = _memory.empty((700, 300), np.float64, zero=True)
+    assert zeros.ctypes.data % 64 == 0 and zeros.shape == (700, 300) and not zeros.any()
 
 
 @pytest.mark.slow

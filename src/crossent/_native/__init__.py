@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _memory
 from .._validate import LossOptions, LossShape, dtype_name
 
 extension: Any
@@ -96,7 +97,7 @@ def _cross_entropy(
     if want_grad:
         # A fresh gradient costs the operating system a page fault and a zeroing per page on first
         # write; `out` lets a training loop reuse one buffer instead.
-        grad = np.empty(input.shape, dtype=dtype) if out is None else out
+        grad = _memory.empty(input.shape, dtype) if out is None else out
     grad_rows: np.ndarray | None = None
     grad_scale = 1.0
     if want_grad and opts.reduction == "none":
@@ -153,7 +154,7 @@ class NativeKernel:
         outer, classes, inner = _layout(x.shape, axis)
         out_shape = x.shape[:axis] + x.shape[axis + 1 :] if op == _LOGSUMEXP else x.shape
         if out is None:
-            out = np.empty(out_shape, dtype=x.dtype)
+            out = _memory.empty(out_shape, x.dtype)
         elif out.shape != out_shape or out.dtype != x.dtype or not out.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous {x.dtype} array of shape {out_shape}, got "
                              f"{out.dtype} {out.shape}")  # fmt: skip

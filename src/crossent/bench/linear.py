@@ -85,7 +85,7 @@ def _child(variant: str, n: int, d: int, v: int, dtype_name: str, repeats: int) 
         x.grad = W.grad = None
         loss = loss_fn()
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     # The peak of this process alone: ru_maxrss would not do, since Linux carries it over from the parent
     # across exec. Writing 5 to clear_refs resets VmHWM, the high-water mark, to the current RSS.

@@ -16,7 +16,7 @@ import array_api_compat.torch as xp_torch
 import numpy as np
 import torch
 
-from .. import _native, _reference, _validate
+from .. import _memory, _native, _reference, _validate
 from .._validate import LossOptions, LossShape
 from ._reduction import mean_denominator_and_scale, reduce_losses
 
@@ -74,17 +74,15 @@ def _native_loss_and_grad(
 
 
 def cpu_buffer(shape: tuple[int, ...], dtype: torch.dtype, *, zero: bool = False) -> torch.Tensor:
-    """A CPU tensor in memory NumPy allocated, for the large outputs (gradients, buffers).
+    """A CPU tensor in memory crossent._memory allocated, for the large outputs (gradients, buffers).
 
-    NumPy asks Linux for transparent huge pages on large arrays and torch's CPU allocator does not;
-    with 4 KiB pages, first touching a fresh gradient costs more than computing it (measured on this
-    project's 2-core machine: 512 MiB, 226 ms against about 60 ms; 256 MiB on one thread, 137 ms
-    against 18 ms).
+    Huge pages, which torch's CPU allocator does not ask for: with 4 KiB pages, first touching a fresh
+    gradient costs more than computing it (measured on this project's 2-core machine: 512 MiB, 226 ms
+    against about 60 ms; 256 MiB on one thread, 137 ms against 18 ms).
     """
     bits = {torch.float16: np.int16, torch.bfloat16: np.int16}.get(dtype)
     np_dtype = bits or torch.empty((), dtype=dtype).numpy().dtype
-    a = np.zeros(shape, dtype=np_dtype) if zero else np.empty(shape, dtype=np_dtype)
-    t = torch.from_numpy(a)
+    t = torch.from_numpy(_memory.empty(shape, np_dtype, zero=zero))
     return t.view(dtype) if bits else t
 
 

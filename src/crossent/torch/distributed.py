@@ -121,11 +121,11 @@ class _ShardChunkLoss:
     shard: _Shard
     opts: _validate.LossOptions  # reduction "none": per-row losses, unit upstream gradients
 
-    def __call__(self, logits, target, out):
+    def __call__(self, logits, target, upstream):
         loss, terms = self.shard.forward(logits, target, self.opts)
-        if out is None:
-            return loss, None
-        return loss, slice_gradient(logits, target, self.shard.slice, self.opts, terms, torch.ones_like(terms.A), out)
+        if upstream is not None:
+            slice_gradient(logits, target, self.shard.slice, self.opts, terms, upstream, out=logits)
+        return loss
 
     def reduce_input_grad(self, dx: torch.Tensor) -> None:
         dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=self.shard.group)
