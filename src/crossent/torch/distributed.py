@@ -263,7 +263,7 @@ def vocab_parallel_linear_cross_entropy(
     vocab_start, vocab_size, weight, and the loss options
         As for :func:`vocab_parallel_cross_entropy`.
     chunk_size : int, optional
-        Rows per chunk; by default from the same 32 MiB budget as the single-process linear loss.
+        Rows per chunk; by default from the same 24 MiB budget as the single-process linear loss.
     """
     opts = _validate.loss_options(
         reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
