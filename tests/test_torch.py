@@ -4,6 +4,7 @@ torch.compile without graph breaks, the modules, and the fused linear + cross-en
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 
@@ -138,6 +139,17 @@ def test_compile_fullgraph_traces_a_model_without_graph_breaks():
     torch.testing.assert_close(loss, eager)
     for got, want in zip(grads, [p.grad for p in model.parameters()], strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_compile_traces_the_functional_loss_without_cache_warnings():
+    # The options cache is skipped while dynamo traces (it warns on functools caches it bypasses).
+    torch._dynamo.reset()
+    x, y = torch.randn(6, 5), torch.randint(0, 5, (6,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = torch.compile(lambda a, b: ct.cross_entropy(a, b, label_smoothing=0.2), fullgraph=True)(x, y)
+    assert not [w for w in caught if "cache" in str(w.message)], [str(w.message) for w in caught]
+    torch.testing.assert_close(loss, F.cross_entropy(x, y, label_smoothing=0.2))
 
 
 def test_module_weight_buffer_state_dict_and_repr():

@@ -129,12 +129,14 @@ def loss_options(
     softcap: Any = None,
     normalizer: Any = None,
     zero_if_all_ignored: Any = False,
+    cache: bool = True,
 ) -> LossOptions:
     """The checked options. Plain Python values are checked once per distinct combination (a small
     input's call would otherwise spend a sizeable share of its time here); the key holds each value's
-    type, so that True is not taken for 1. Arrays (a 0-d normalizer) are checked every time."""
+    type, so that True is not taken for 1. Arrays (a 0-d normalizer) are checked every time, and so is
+    everything with ``cache=False`` (under torch.compile's tracer, which bypasses caches with a warning)."""
     args = (reduction, ignore_index, label_smoothing, z_loss, softcap, normalizer, zero_if_all_ignored)
-    if all(type(a) in _PLAIN_TYPES for a in args):
+    if cache and all(type(a) in _PLAIN_TYPES for a in args):
         return _cached_loss_options(tuple((type(a), a) for a in args))
     return _loss_options(*args)
 

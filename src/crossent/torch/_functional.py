@@ -10,7 +10,7 @@ import array_api_compat.torch as xp_torch
 import torch
 
 from .. import _reference, _validate
-from ._ops import InplaceBackward, cross_entropy_op
+from ._ops import InplaceBackward, cross_entropy_op, loss_options
 
 
 def _legacy_reduction(size_average: Any, reduce: Any, reduction: str) -> str:
@@ -66,7 +66,7 @@ def cross_entropy(
     0.1698 True
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
-    opts = _validate.loss_options(
+    opts = loss_options(
         reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
         softcap=softcap, normalizer=normalizer, zero_if_all_ignored=zero_if_all_ignored,
     )  # fmt: skip
@@ -114,7 +114,7 @@ def nll_loss(
     included) on every device.
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
-    opts = _validate.loss_options(
+    opts = loss_options(
         reduction=reduction, ignore_index=ignore_index, normalizer=normalizer, zero_if_all_ignored=zero_if_all_ignored
     )
     shape = _validate.loss_shape(xp_torch, input, target, axis, allow_probabilities=False)

@@ -16,7 +16,7 @@ import torch
 
 from .. import _native, _validate
 from .._validate import LossOptions, LossShape
-from ._ops import _as_tensor, _numpy_view, _state, _torch_loss_and_grad, cpu_buffer
+from ._ops import _as_tensor, _numpy_view, _state, _torch_loss_and_grad, cpu_buffer, loss_options
 from ._reduction import mean_denominator_and_scale, reduce_losses
 from ._vocab_slices import SliceStats, VocabSlice, combine, compute_dtype, slice_gradient, slice_statistics
 
@@ -368,7 +368,7 @@ def linear_cross_entropy(
     >>> bool(torch.allclose(fused, naive, atol=1e-6))
     True
     """
-    opts = _validate.loss_options(
+    opts = loss_options(
         reduction=reduction, ignore_index=-100 if ignore_index is None else ignore_index,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, normalizer=normalizer,
         zero_if_all_ignored=zero_if_all_ignored,

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import _validate
 from ._functional import _legacy_reduction, cross_entropy, nll_loss
 from ._linear import linear_cross_entropy
+from ._ops import loss_options
 
 
 class _WeightedLoss(nn.Module):
@@ -17,7 +17,7 @@ class _WeightedLoss(nn.Module):
 
     def __init__(self, weight: torch.Tensor | None, reduction: str, extras: dict[str, Any]) -> None:
         super().__init__()
-        _validate.loss_options(reduction=reduction, ignore_index=extras.get("ignore_index", -100))
+        loss_options(reduction=reduction, ignore_index=extras.get("ignore_index", -100))
         self.register_buffer("weight", weight)  # moves with .to() and lives in the state_dict
         self.reduction = reduction
 
@@ -42,7 +42,7 @@ class CrossEntropyLoss(_WeightedLoss):
         inplace_backward: bool = False,
     ) -> None:
         reduction = _legacy_reduction(size_average, reduce, reduction)
-        _validate.loss_options(
+        loss_options(
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
             softcap=softcap, normalizer=normalizer, zero_if_all_ignored=zero_if_all_ignored,
         )  # fmt: skip
@@ -130,7 +130,7 @@ class LinearCrossEntropyLoss(nn.Module):
         vocab_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
-        _validate.loss_options(
+        loss_options(
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
             softcap=softcap,
         )  # fmt: skip

@@ -128,6 +128,12 @@ def _torch_loss_and_grad(
     return reduce_losses(per_element, denom, opts).to(input.dtype), grad
 
 
+def loss_options(**options: Any) -> LossOptions:
+    """crossent._validate.loss_options for the torch layer: its cache is skipped while torch.compile
+    traces (the options are constants of the graph then, checked once per compilation)."""
+    return _validate.loss_options(**options, cache=not torch.compiler.is_compiling())
+
+
 def _options(
     ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: float,
     normalizer: torch.Tensor | None, zero_if_all_ignored: bool,

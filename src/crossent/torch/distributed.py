@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from .. import _validate
 from ._linear import _LinearCrossEntropy, prepare_arguments
+from ._ops import loss_options
 from ._reduction import mean_denominator_and_scale, reduce_losses
 from ._vocab_slices import VocabSlice, combine, slice_gradient, slice_statistics
 
@@ -194,7 +195,7 @@ def vocab_parallel_cross_entropy(
     Tensor
         The loss, the same on every rank: 0-d for mean and sum, the rows' shape for none.
     """
-    opts = _validate.loss_options(
+    opts = loss_options(
         reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
         softcap=softcap, normalizer=normalizer, zero_if_all_ignored=zero_if_all_ignored,
     )  # fmt: skip
@@ -265,7 +266,7 @@ def vocab_parallel_linear_cross_entropy(
     chunk_size : int, optional
         Rows per chunk; by default from the same 24 MiB budget as the single-process linear loss.
     """
-    opts = _validate.loss_options(
+    opts = loss_options(
         reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
         softcap=softcap, normalizer=normalizer, zero_if_all_ignored=zero_if_all_ignored,
     )  # fmt: skip
