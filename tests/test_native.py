@@ -277,6 +277,24 @@ def test_no_temporary_as_large_as_the_input(mode, allowed_inputs):
     assert peak["extra_kib"] <= allowed_inputs * peak["input_kib"], peak
 
 
+@given(
+    values=st.lists(st.integers(-200, 300), min_size=0, max_size=300),
+    n_classes=st.integers(1, 260),
+    ignore_index=st.sampled_from([-100, 0, 5, 255, 2**40]),
+    dtype=st.sampled_from(["int64", "int32", "uint8"]),
+)
+def test_native_class_index_check_agrees_with_numpy(values, n_classes, ignore_index, dtype):
+    info = np.iinfo(dtype)
+    target = np.array([v for v in values if info.min <= v <= info.max], dtype=dtype)
+    wide = target.astype(np.int64)
+    expected = bool(np.all(((wide >= 0) & (wide < n_classes)) | (wide == ignore_index)))
+    assert _native.class_indices_valid(target, n_classes, ignore_index) is expected
+    # Strided or of a width the kernel does not read: never vouched for, the Python check runs.
+    if target.size > 1:
+        assert _native.class_indices_valid(np.repeat(target, 2)[::2], n_classes, ignore_index) is False
+    assert _native.class_indices_valid(target.astype(np.int16), n_classes, ignore_index) is False
+
+
 def test_large_outputs_are_cache_line_aligned(rng):
     # glibc puts large blocks 16 bytes past a page: the gradient and softmax outputs must not stay there.
     x = rng.standard_normal((512, 1000)).astype(np.float32)  # 2 MB: past the alignment threshold

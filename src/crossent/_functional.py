@@ -8,6 +8,7 @@ import array_api_compat
 import array_api_compat.numpy as _numpy_namespace
 import numpy as np
 
+from . import _native
 from . import _reference as reference
 from . import _validate as validate
 from ._dispatch import native_kernel
@@ -50,7 +51,7 @@ def _prepare_loss(
     shape = validate.loss_shape(xp, input, target, axis, allow_probabilities=allow_probabilities)
     if weight is not None:
         validate.check_weight(xp, weight, shape.n_classes)
-    if not shape.probability_target:
+    if not shape.probability_target and not _native.class_indices_valid(target, shape.n_classes, opts.ignore_index):
         validate.check_class_indices(xp, target, shape.n_classes, opts.ignore_index)
     return xp, input, target, weight, shape
 

@@ -10,7 +10,7 @@ import functools
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -34,9 +34,9 @@ class LossOptions:
     zero_if_all_ignored: bool = False
 
 
-@dataclass(frozen=True)
-class LossShape:
-    """Where the classes are and what the target holds, for one validated (input, target) pair."""
+class LossShape(NamedTuple):
+    """Where the classes are and what the target holds, for one validated (input, target) pair (a
+    named tuple: built on every call, and a frozen dataclass costs a microsecond more to build)."""
 
     class_axis: int  # non-negative
     n_classes: int
@@ -136,17 +136,20 @@ def loss_options(
     type, so that True is not taken for 1. Arrays (a 0-d normalizer) are checked every time, and so is
     everything with ``cache=False`` (under torch.compile's tracer, which bypasses caches with a warning)."""
     args = (reduction, ignore_index, label_smoothing, z_loss, softcap, normalizer, zero_if_all_ignored)
-    if cache and all(type(a) in _PLAIN_TYPES for a in args):
-        return _cached_loss_options(tuple((type(a), a) for a in args))
-    return _loss_options(*args)
+    types = tuple(map(type, args))
+    if not cache or not _PLAIN_TYPES.issuperset(types):
+        return _loss_options(*args)
+    key = args + types
+    opts = _CHECKED_OPTIONS.get(key)
+    if opts is None:
+        opts = _loss_options(*args)  # raises for bad values, which are never cached
+        if len(_CHECKED_OPTIONS) < 256:
+            _CHECKED_OPTIONS[key] = opts
+    return opts
 
 
-_PLAIN_TYPES = (str, int, float, bool, type(None))
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_loss_options(key: tuple[tuple[type, Any], ...]) -> LossOptions:
-    return _loss_options(*(value for _, value in key))
+_PLAIN_TYPES = frozenset((str, int, float, bool, type(None)))
+_CHECKED_OPTIONS: dict[tuple[Any, ...], LossOptions] = {}
 
 
 def _loss_options(
@@ -198,12 +201,11 @@ def _loss_options(
 def loss_shape(xp: Any, input: Any, target: Any, axis: Any, *, allow_probabilities: bool) -> LossShape:
     """Check the input/target pair and say where the classes are."""
     require_floating(xp, input, "input")
-    ndim = input.ndim
-    class_axis = resolve_axis(axis, ndim, torch_rule=True)
-    shape = tuple(int(s) for s in input.shape)
+    shape = tuple(map(int, input.shape))
+    class_axis = resolve_axis(axis, len(shape), torch_rule=True)
     n_classes = shape[class_axis]
     batch_shape = shape[:class_axis] + shape[class_axis + 1 :]
-    target_shape = tuple(int(s) for s in target.shape)
+    target_shape = tuple(map(int, target.shape))
     if is_floating(xp, target.dtype):
         if not allow_probabilities:
             raise TypeError(f"target must hold class indices (an integer dtype), got {dtype_name(target.dtype)}")

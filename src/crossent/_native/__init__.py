@@ -29,6 +29,7 @@ else:
 _DTYPE_CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
 _TARGET_CODES = {"int64": 0, "int32": 1, "uint8": 2}
 _PROBABILITY = 3
+_TARGET_CODE_OF_DTYPE = {np.dtype(name): code for name, code in _TARGET_CODES.items()}
 _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 _LOG_SOFTMAX, _SOFTMAX, _LOGSUMEXP = 0, 1, 2
 
@@ -40,6 +41,16 @@ def supports(x: Any) -> bool:
     return dtype_name(x.dtype) in _DTYPE_CODES
 
 
+def class_indices_valid(target: Any, n_classes: int, ignore_index: int) -> bool:
+    """True when every class index of a NumPy target is in [0, n_classes) or equals ignore_index,
+    checked in one native pass; False when not, or when the kernel cannot read this target (the
+    caller then runs crossent._validate's check, which names the offender)."""
+    if extension is None or type(target) is not np.ndarray or not target.flags.c_contiguous:
+        return False
+    code = _TARGET_CODE_OF_DTYPE.get(target.dtype)
+    return code is not None and extension.class_indices_valid(target, code, n_classes, ignore_index)
+
+
 def _layout(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
     """(outer, classes, inner) of a C-contiguous array with classes on ``axis``."""
     return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
@@ -47,7 +58,8 @@ def _layout(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
 
 def _kernel_view(x: np.ndarray) -> tuple[np.ndarray, int]:
     """A C-contiguous view the kernel can read, and its dtype code. Half types travel as uint16 bits."""
-    x = np.ascontiguousarray(x)
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
     code = _DTYPE_CODES[dtype_name(x.dtype)]
     return (x.view(np.uint16) if x.dtype.itemsize == 2 else x), code
 
@@ -67,7 +79,7 @@ def _target(target: np.ndarray, shape: LossShape, dtype: np.dtype) -> tuple[np.n
     name = dtype_name(target.dtype)
     if name not in _TARGET_CODES:  # other integer widths: widen (a batch-sized copy)
         target, name = target.astype(np.int64), "int64"
-    return np.ascontiguousarray(target), _TARGET_CODES[name]
+    return (target if target.flags.c_contiguous else np.ascontiguousarray(target)), _TARGET_CODES[name]
 
 
 def _normalizer(opts: LossOptions) -> float:

@@ -113,7 +113,7 @@ def _torch_loss_and_grad(
     losses = []
     for part in chunks:
         x_c, t_c = input[part], target[part]
-        shape_c = dataclasses.replace(shape, batch_shape=tuple(x_c.shape[:axis]) + tuple(x_c.shape[axis + 1 :]))
+        shape_c = shape._replace(batch_shape=tuple(x_c.shape[:axis]) + tuple(x_c.shape[axis + 1 :]))
         g_c = scale.to(torch.float32 if input.dtype != torch.float64 else torch.float64).expand(shape_c.batch_shape)
         if compute_grad:
             loss_c, grad_c = _reference.cross_entropy_and_grad(xp_torch, x_c, t_c, weight, shape_c, per_row, g_c)
