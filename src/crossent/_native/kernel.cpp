@@ -492,6 +492,9 @@ struct Prepared {
 constexpr int64_t kChunk = 1024;
 constexpr int64_t kMaxChunks = 256;
 
+template <class T>
+constexpr int64_t kLineElements = 64 / static_cast<int64_t>(sizeof(Store<T>));  // per cache line
+
 inline int64_t chunk_size(int64_t n) { return std::max(kChunk, (n + kMaxChunks - 1) / kMaxChunks); }
 
 // The online pass: the row maximum m and s = sum_c exp(x'_c - m) in one read of the row. Each chunk
@@ -522,6 +525,9 @@ void online_row(const Store<T>* x, int64_t n, const Consts<Compute<T>>& k, Compu
             shift = new_shift;
         }
         chunk_shift[chunk] = shift;
+        // Ask for the next chunk now: its lines arrive while this chunk's exponentials are computed,
+        // so that the maximum pass over it reads cache instead of waiting on DRAM.
+        for (int64_t c = e; c < std::min(n, e + step); c += kLineElements<T>) __builtin_prefetch(x + c);
         C part = 0;
         if (e_out) {
 #pragma omp simd reduction(+ : part)
