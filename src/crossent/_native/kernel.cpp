@@ -775,6 +775,15 @@ double cross_entropy_tiles(const LossCall& call) {
             std::copy(xo, xo + len * n, tile_copy.data());
             xo = tile_copy.data();
         }
+        if (!SMALL_ROWS && i0 + kTile < inner) {
+            // The next tile's classes are n streams at stride `inner`, more than the hardware
+            // prefetcher follows: ask for their lines while this tile is computed.
+            for (int64_t c = 0; c < n; ++c) {
+                for (int64_t l = kTile; l < std::min(2 * kTile, inner - i0); l += kLineElements<T>) {
+                    __builtin_prefetch(xo + c * cs + l);
+                }
+            }
+        }
         const Store<T>* to = targets ? targets + o * n * inner + i0 * ps : nullptr;
         C m[kTile], part[kTile], A[kTile], B[kTile], fix_c[kTile], keep_c[kTile], x_target[kTile];
         double s_sum[kTile], wx[kTile], wtx[kTile], wt[kTile];
