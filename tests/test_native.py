@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import crossent
+import oracle
 from cases import grad_output_for, make_case
 from crossent import _memory, _native, _reference, _validate
 
@@ -293,6 +294,64 @@ def test_native_class_index_check_agrees_with_numpy(values, n_classes, ignore_in
     if target.size > 1:
         assert _native.class_indices_valid(np.repeat(target, 2)[::2], n_classes, ignore_index) is False
     assert _native.class_indices_valid(target.astype(np.int16), n_classes, ignore_index) is False
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("target_dtype", [np.int64, np.int32, np.uint8])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_plain_calls_take_the_one_call_path_and_match_torch(rng, dtype, target_dtype, reduction, ignore_index):
+    x = (rng.standard_normal((37, 11)) * 4).astype(dtype)
+    y = rng.integers(0, 11, 37).astype(target_dtype)
+    y[::5] = 3
+    direct = _native.plain_cross_entropy(x, y, ignore_index, reduction)
+    assert direct is not None and direct.dtype == dtype and direct.shape == ()
+    expected = oracle.cross_entropy(x, y, ignore_index=ignore_index, reduction=reduction, want_grad=False).loss
+    oracle.assert_close(direct, expected, dtype)
+    public = crossent.cross_entropy(x, y, ignore_index=ignore_index, reduction=reduction)
+    assert type(public) is np.ndarray and public.dtype == dtype and public == direct
+
+
+def test_plain_call_path_declines_what_it_does_not_check(rng):
+    x = rng.standard_normal((8, 5)).astype(np.float32)
+    y = rng.integers(0, 5, 8)
+    plain = _native.plain_cross_entropy
+    assert plain(x, y, -100, "none") is None
+    assert plain(x, y, -100, "average") is None
+    assert plain(x, y, True, "mean") is None  # a bool is not an index
+    assert plain(x, y, 2**63, "mean") is None
+    assert plain(x.astype(np.float16), y, -100, "mean") is None
+    assert plain(x.astype(">f4"), y, -100, "mean") is None
+    assert plain(x[:, ::2], y % 3, -100, "mean") is None  # strided
+    assert plain(x, y, -100, "mean") is not None
+    assert plain(x, y.astype(np.int16), -100, "mean") is None
+    assert plain(x, y[:7], -100, "mean") is None
+    assert plain(x[:0], y[:0], -100, "mean") is None
+    assert plain(x[0], y[0:1], -100, "mean") is None  # unbatched
+    bad = y.copy()
+    bad[6] = 5
+    assert plain(x, bad, -100, "mean") is None
+    # The general path then reports what the one-call path refused.
+    with pytest.raises(IndexError, match="target value 5 is out of range for 5 classes"):
+        crossent.cross_entropy(x, bad)
+    with pytest.raises(ValueError, match="average"):
+        crossent.cross_entropy(x, y, reduction="average")
+
+
+def test_read_only_inputs(rng):
+    # Read-only arrays (memory maps opened read-only, frozen buffers) are inputs like any other.
+    x = rng.standard_normal((6, 4))
+    y = rng.integers(0, 4, 6)
+    weight = rng.uniform(0.5, 2, 4)
+    for a in (x, y, weight):
+        a.flags.writeable = False
+    expected = oracle.cross_entropy(x, y, weight)
+    loss, grad = crossent.cross_entropy_and_grad(x, y, weight)
+    oracle.assert_close(loss, expected.loss, np.float64)
+    oracle.assert_close(grad, expected.grad, np.float64)
+    oracle.assert_close(crossent.cross_entropy(x, y), oracle.cross_entropy(x, y, want_grad=False).loss, np.float64)
+    oracle.assert_close(crossent.nll_loss(x, y, weight), oracle.nll_loss(x, y, weight), np.float64)
+    oracle.assert_close(crossent.log_softmax(x, axis=1), oracle.log_softmax(x, 1), np.float64)
 
 
 def test_large_outputs_are_cache_line_aligned(rng):

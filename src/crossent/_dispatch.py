@@ -23,6 +23,11 @@ def native_kernel(xp: Any, x: Any) -> Any:
     return None
 
 
+def native_enabled() -> bool:
+    """Whether the native path is switched on (use_native); the kernel may still be missing."""
+    return _enabled
+
+
 def use_native(enabled: bool) -> bool:
     """Turn the native path on or off (for comparisons); returns the previous setting."""
     global _enabled

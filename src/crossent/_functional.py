@@ -11,7 +11,7 @@ import numpy as np
 from . import _native
 from . import _reference as reference
 from . import _validate as validate
-from ._dispatch import native_kernel
+from ._dispatch import native_enabled, native_kernel
 
 
 def _namespace(input: Any, *others: Any) -> tuple[Any, Any, list[Any]]:
@@ -138,6 +138,21 @@ def cross_entropy(
     (2016) for label smoothing; Chowdhery et al., "PaLM" (2022) for the z-loss; Gemma Team, "Gemma 2"
     (2024) for logit soft-capping.
     """
+    if (
+        weight is None
+        and axis is None
+        and softcap is None
+        and normalizer is None
+        and zero_if_all_ignored is False
+        and type(label_smoothing) is float
+        and label_smoothing == 0.0
+        and type(z_loss) is float
+        and z_loss == 0.0
+        and native_enabled()
+    ):
+        loss = _native.plain_cross_entropy(input, target, ignore_index, reduction)
+        if loss is not None:
+            return loss
     opts = validate.loss_options(
         reduction=reduction,
         ignore_index=ignore_index,

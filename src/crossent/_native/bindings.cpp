@@ -17,7 +17,10 @@
 #endif
 
 namespace nb = nanobind;
-using Array = nb::ndarray<nb::device::cpu, nb::c_contig>;
+// Inputs are taken read-only, so that read-only NumPy arrays (np.broadcast_to, read-only memory maps)
+// pass; outputs must be writable.
+using Array = nb::ndarray<nb::ro, nb::device::cpu, nb::c_contig>;
+using OutArray = nb::ndarray<nb::device::cpu, nb::c_contig>;
 
 namespace {
 
@@ -72,11 +75,13 @@ int default_threads() {
 
 int g_threads = default_threads();
 
-int64_t elements(const Array& a) { return a.is_valid() ? static_cast<int64_t>(a.size()) : 0; }
+template <class A>
+int64_t elements(const A& a) { return a.is_valid() ? static_cast<int64_t>(a.size()) : 0; }
 
 const void* data_or_null(const Array& a) { return a.is_valid() ? a.data() : nullptr; }
 
-void require_size(const Array& a, int64_t expected, const char* what) {
+template <class A>
+void require_size(const A& a, int64_t expected, const char* what) {
     if (a.is_valid() && elements(a) != expected) {
         throw nb::value_error((std::string(what) + " has " + std::to_string(elements(a)) + " elements, expected " +
                                std::to_string(expected))
@@ -87,8 +92,8 @@ void require_size(const Array& a, int64_t expected, const char* what) {
 crossent::LossCall loss_call(const Array& x, int dtype, int64_t outer, int64_t classes, int64_t inner,
                              const Array& target, int target_kind, const Array& weight, int64_t ignore_index,
                              double label_smoothing, double z_loss, double softcap, int reduction, double normalizer,
-                             bool zero_if_all_ignored, const Array& grad, const Array& grad_rows, double grad_scale,
-                             const Array& loss_rows) {
+                             bool zero_if_all_ignored, const OutArray& grad, const Array& grad_rows, double grad_scale,
+                             const OutArray& loss_rows) {
     const int64_t rows = outer * inner;
     require_size(x, rows * classes, "logits");
     const bool probability = target_kind == static_cast<int>(crossent::TargetKind::probability);
@@ -132,6 +137,21 @@ bool class_indices_valid(const TI* t, int64_t n, int64_t classes, int64_t ignore
     return ok;
 }
 
+bool class_indices_valid(const Array& target, int target_kind, int64_t classes, int64_t ignore_index) {
+    const int64_t n = elements(target);
+    const void* t = target.data();
+    switch (static_cast<crossent::TargetKind>(target_kind)) {
+        case crossent::TargetKind::i32:
+            return class_indices_valid(static_cast<const int32_t*>(t), n, classes, ignore_index);
+        case crossent::TargetKind::u8:
+            return class_indices_valid(static_cast<const uint8_t*>(t), n, classes, ignore_index);
+        case crossent::TargetKind::i64:
+            return class_indices_valid(static_cast<const int64_t*>(t), n, classes, ignore_index);
+        default:
+            return false;
+    }
+}
+
 }  // namespace
 
 NB_MODULE(_crossent_native, m) {
@@ -141,8 +161,8 @@ NB_MODULE(_crossent_native, m) {
         "cross_entropy",
         [](const Array& x, int dtype, int64_t outer, int64_t classes, int64_t inner, const Array& target,
            int target_kind, const Array& weight, int64_t ignore_index, double label_smoothing, double z_loss,
-           double softcap, int reduction, double normalizer, bool zero_if_all_ignored, const Array& grad,
-           const Array& grad_rows, double grad_scale, const Array& loss_rows) {
+           double softcap, int reduction, double normalizer, bool zero_if_all_ignored, const OutArray& grad,
+           const Array& grad_rows, double grad_scale, const OutArray& loss_rows) {
             const crossent::LossCall call =
                 loss_call(x, dtype, outer, classes, inner, target, target_kind, weight, ignore_index, label_smoothing,
                           z_loss, softcap, reduction, normalizer, zero_if_all_ignored, grad, grad_rows, grad_scale,
@@ -161,10 +181,10 @@ NB_MODULE(_crossent_native, m) {
         "nll_loss",
         [](const Array& x, int dtype, int64_t outer, int64_t classes, int64_t inner, const Array& target,
            int target_kind, const Array& weight, int64_t ignore_index, int reduction, double normalizer,
-           bool zero_if_all_ignored, const Array& loss_rows) {
+           bool zero_if_all_ignored, const OutArray& loss_rows) {
             const crossent::LossCall call =
                 loss_call(x, dtype, outer, classes, inner, target, target_kind, weight, ignore_index, 0.0, 0.0, 0.0,
-                          reduction, normalizer, zero_if_all_ignored, Array(), Array(), 1.0, loss_rows);
+                          reduction, normalizer, zero_if_all_ignored, OutArray(), Array(), 1.0, loss_rows);
             nb::gil_scoped_release release;
             return g_kernels.nll_loss(call);
         },
@@ -174,7 +194,7 @@ NB_MODULE(_crossent_native, m) {
 
     m.def(
         "softmax",
-        [](const Array& x, const Array& out, int dtype, int64_t outer, int64_t classes, int64_t inner, int op) {
+        [](const Array& x, const OutArray& out, int dtype, int64_t outer, int64_t classes, int64_t inner, int op) {
             require_size(x, outer * classes * inner, "x");
             const bool lse = op == static_cast<int>(crossent::SoftmaxOp::logsumexp);
             require_size(out, lse ? outer * inner : outer * classes * inner, "out");
@@ -194,7 +214,7 @@ NB_MODULE(_crossent_native, m) {
     m.def(
         "exp",
         [](nb::ndarray<float, nb::device::cpu, nb::c_contig> in, nb::ndarray<float, nb::device::cpu, nb::c_contig> out) {
-            require_size(Array(out), elements(Array(in)), "out");
+            require_size(out, elements(in), "out");
             nb::gil_scoped_release release;
             g_kernels.exp_f32(in.data(), out.data(), static_cast<int64_t>(in.size()), g_threads);
         },
@@ -203,28 +223,53 @@ NB_MODULE(_crossent_native, m) {
         "exp",
         [](nb::ndarray<double, nb::device::cpu, nb::c_contig> in,
            nb::ndarray<double, nb::device::cpu, nb::c_contig> out) {
-            require_size(Array(out), elements(Array(in)), "out");
+            require_size(out, elements(in), "out");
             nb::gil_scoped_release release;
             g_kernels.exp_f64(in.data(), out.data(), static_cast<int64_t>(in.size()), g_threads);
         },
         nb::arg("x"), nb::arg("out"), "The kernel's vectorised float64 exp, for accuracy tests.");
 
     m.def(
+        "plain_cross_entropy",
+        [](const Array& x, const Array& target, int64_t ignore_index, int reduction) -> nb::object {
+            // The plainest call, float32/float64 (rows, classes) logits and (rows,) class indices, mean or
+            // sum, with its checks done here: a small call is otherwise dominated by Python-side argument
+            // handling. None for anything else, or an index out of range: the general path then checks
+            // and reports.
+            const nb::dlpack::dtype xt = x.dtype(), tt = target.dtype();
+            const int dtype = xt == nb::dtype<float>() ? 0 : xt == nb::dtype<double>() ? 1 : -1;
+            const int kind = tt == nb::dtype<int64_t>()   ? static_cast<int>(crossent::TargetKind::i64)
+                             : tt == nb::dtype<int32_t>() ? static_cast<int>(crossent::TargetKind::i32)
+                             : tt == nb::dtype<uint8_t>() ? static_cast<int>(crossent::TargetKind::u8)
+                                                          : -1;
+            const bool reduced = reduction == static_cast<int>(crossent::Reduction::mean) ||
+                                 reduction == static_cast<int>(crossent::Reduction::sum);
+            if (dtype < 0 || kind < 0 || !reduced || x.ndim() != 2 || target.ndim() != 1 ||
+                target.shape(0) != x.shape(0) || x.size() == 0) {
+                return nb::none();
+            }
+            const int64_t rows = static_cast<int64_t>(x.shape(0)), classes = static_cast<int64_t>(x.shape(1));
+            const crossent::LossCall call =
+                loss_call(x, dtype, rows, classes, 1, target, kind, Array(), ignore_index, 0.0, 0.0, 0.0, reduction,
+                          0.0, false, OutArray(), Array(), 1.0, OutArray());
+            bool valid;
+            double total = 0.0;
+            {
+                nb::gil_scoped_release release;
+                valid = class_indices_valid(target, kind, classes, ignore_index);
+                if (valid) total = g_kernels.cross_entropy(call);
+            }
+            if (!valid) return nb::none();
+            return nb::float_(total);
+        },
+        nb::arg("x").noconvert(), nb::arg("target").noconvert(), nb::arg("ignore_index"), nb::arg("reduction"),
+        "cross_entropy of (rows, classes) logits and (rows,) class indices without options, or None.");
+
+    m.def(
         "class_indices_valid",
         [](const Array& target, int target_kind, int64_t classes, int64_t ignore_index) {
-            const int64_t n = elements(target);
-            const void* t = target.data();
             nb::gil_scoped_release release;
-            switch (static_cast<crossent::TargetKind>(target_kind)) {
-                case crossent::TargetKind::i32:
-                    return class_indices_valid(static_cast<const int32_t*>(t), n, classes, ignore_index);
-                case crossent::TargetKind::u8:
-                    return class_indices_valid(static_cast<const uint8_t*>(t), n, classes, ignore_index);
-                case crossent::TargetKind::i64:
-                    return class_indices_valid(static_cast<const int64_t*>(t), n, classes, ignore_index);
-                default:
-                    return false;
-            }
+            return class_indices_valid(target, target_kind, classes, ignore_index);
         },
         nb::arg("target"), nb::arg("target_kind"), nb::arg("classes"), nb::arg("ignore_index"),
         "Whether every class index is in [0, classes) or equals ignore_index.");
