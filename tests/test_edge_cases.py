@@ -106,3 +106,24 @@ def test_probability_targets_ignore_ignore_index(rng):
     np.testing.assert_allclose(
         crossent.cross_entropy(x, t), oracle.cross_entropy(x, t, want_grad=False).loss, rtol=1e-12
     )
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_no_classes(native):
+    # torch.logsumexp over an empty axis is -inf (the log of an empty sum); softmax of nothing is nothing.
+    x = np.zeros((3, 0, 2), dtype=np.float32)
+    previous = crossent._dispatch.use_native(native)
+    try:
+        xt = oracle.torch.from_numpy(x)
+        np.testing.assert_array_equal(crossent.logsumexp(x, axis=1), oracle.torch.logsumexp(xt, 1).numpy())
+        assert crossent.logsumexp(x, axis=1, keepdims=True).shape == (3, 1, 2)
+        assert crossent.softmax(x, axis=1).shape == x.shape
+        assert crossent.log_softmax(x, axis=1).shape == x.shape
+        # A loss over no classes has no target to score; torch gives NaN, 0 or an error by option.
+        for target in (np.full((3, 2), -100), np.zeros(x.shape, np.float32)):
+            with pytest.raises(ValueError, match=r"input of shape \(3, 0, 2\) has no classes on axis 1"):
+                crossent.cross_entropy(x, target)
+        with pytest.raises(ValueError, match="no classes"):
+            crossent.nll_loss(x, np.full((3, 2), -100))
+    finally:
+        crossent._dispatch.use_native(previous)

@@ -322,6 +322,9 @@ def test_plain_call_path_declines_what_it_does_not_check(rng):
     assert plain(x, y, 2**63, "mean") is None
     assert plain(x.astype(np.float16), y, -100, "mean") is None
     assert plain(x.astype(">f4"), y, -100, "mean") is None
+    assert plain(x, y.astype(">i8"), -100, "mean") is None
+    assert plain(x.astype(np.longdouble), y, -100, "mean") is None
+    assert plain(x.astype(object), y, -100, "mean") is None
     assert plain(x[:, ::2], y % 3, -100, "mean") is None  # strided
     assert plain(x, y, -100, "mean") is not None
     assert plain(x, y.astype(np.int16), -100, "mean") is None

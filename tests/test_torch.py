@@ -118,6 +118,33 @@ def test_gradcheck_in_float64(path):
         assert torch.autograd.gradcheck(lambda x: ct.cross_entropy(x, y, reduction="none", softcap=2.0), (x,))
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_second_derivatives_like_torch(path):
+    # Hessian-vector products and MAML differentiate the gradient again.
+    x = torch.randn(4, 5, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([[0, 4, -100], [1, 1, 2], [3, 0, 4], [2, -100, 1]])
+    w = torch.rand(5, dtype=torch.float64)
+    p = torch.softmax(torch.randn(4, 5, 3, dtype=torch.float64), 1).requires_grad_(True)
+    with _path(path):
+        assert torch.autograd.gradgradcheck(lambda x: ct.cross_entropy(x, y, w, label_smoothing=0.1), (x,))
+        assert torch.autograd.gradgradcheck(lambda x, p: ct.cross_entropy(x, p, z_loss=1e-2, softcap=2.0), (x, p))
+        v = torch.randn_like(x)
+        hvp = []
+        for loss_fn in (ct.cross_entropy, F.cross_entropy):
+            (g,) = torch.autograd.grad(loss_fn(x, y, w, reduction="sum"), x, create_graph=True)
+            hvp.append(torch.autograd.grad((g * v).sum(), x)[0])
+    torch.testing.assert_close(hvp[0], hvp[1])
+
+
+def test_losses_computed_outside_autograd_refuse_a_second_derivative():
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 10, (6,))
+    for loss in (ct.linear_cross_entropy(x, W, y), ct.cross_entropy((x @ W.T), y, inplace_backward=True)):
+        with pytest.raises(RuntimeError, match="has no second derivative"):
+            torch.autograd.grad(loss, x, create_graph=True)
+
+
 def test_compile_fullgraph_traces_a_model_without_graph_breaks():
     torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))

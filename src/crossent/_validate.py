@@ -204,6 +204,8 @@ def loss_shape(xp: Any, input: Any, target: Any, axis: Any, *, allow_probabiliti
     shape = tuple(map(int, input.shape))
     class_axis = resolve_axis(axis, len(shape), torch_rule=True)
     n_classes = shape[class_axis]
+    if n_classes == 0:  # torch returns NaN, 0 or raises depending on the options; no class can be a target
+        raise ValueError(f"input of shape {shape} has no classes on axis {class_axis}: expected at least one")
     batch_shape = shape[:class_axis] + shape[class_axis + 1 :]
     target_shape = tuple(map(int, target.shape))
     if is_floating(xp, target.dtype):

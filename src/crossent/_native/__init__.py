@@ -52,6 +52,8 @@ def class_indices_valid(target: Any, n_classes: int, ignore_index: int) -> bool:
 
 
 _PLAIN_REDUCTION_CODES = {"mean": 1, "sum": 2}
+# Native byte order only: np.dtype(">f4") differs from np.dtype("f4").
+_PLAIN_INPUT_DTYPES = frozenset(map(np.dtype, ("float32", "float64")))
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -66,7 +68,9 @@ def plain_cross_entropy(input: Any, target: Any, ignore_index: Any, reduction: A
         or type(target) is not np.ndarray
         or type(ignore_index) is not int
         or type(reduction) is not str
-        or not (input.flags.c_contiguous and target.flags.c_contiguous and input.dtype.isnative)
+        or input.dtype not in _PLAIN_INPUT_DTYPES
+        or target.dtype not in _TARGET_CODE_OF_DTYPE
+        or not (input.flags.c_contiguous and target.flags.c_contiguous)
         or not _INT64_MIN <= ignore_index <= _INT64_MAX
     ):
         return None

@@ -64,7 +64,10 @@ class RowStats:
 
 def row_stats(xp: Any, x: Any) -> RowStats:
     """Softmax statistics over the last axis of a float32/float64 array."""
-    m = xp.max(x, axis=-1, keepdims=True)  # (..., 1)
+    if x.shape[-1] == 0:  # no classes: the empty sum is 0 and its log -inf, as torch.logsumexp gives
+        m = xp.zeros((*x.shape[:-1], 1), dtype=x.dtype, device=array_api_compat.device(x))
+    else:
+        m = xp.max(x, axis=-1, keepdims=True)  # (..., 1)
     # A row of all -inf (or one holding +inf) has no finite maximum to shift by: shift by 0 and let
     # IEEE arithmetic give torch's answer (NaN log-probabilities) for that row alone.
     m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))

@@ -16,7 +16,15 @@ import torch
 
 from .. import _native, _validate
 from .._validate import LossOptions, LossShape
-from ._ops import _as_tensor, _numpy_view, _state, _torch_loss_and_grad, cpu_buffer, loss_options
+from ._ops import (
+    _as_tensor,
+    _numpy_view,
+    _state,
+    _torch_loss_and_grad,
+    cpu_buffer,
+    first_derivative_only,
+    loss_options,
+)
 from ._reduction import mean_denominator_and_scale, reduce_losses
 from ._vocab_slices import SliceStats, VocabSlice, combine, compute_dtype, slice_gradient, slice_statistics
 
@@ -290,6 +298,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return reduce_losses(per_row, denom, opts).to(x.dtype)
 
     @staticmethod
+    @first_derivative_only("linear_cross_entropy")
     def backward(ctx: Any, grad_loss: torch.Tensor):
         if ctx.mode == "precomputed":
             if ctx.used:

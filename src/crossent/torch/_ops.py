@@ -8,8 +8,9 @@ on, run the Array-API reference on row chunks, so that no temporary is larger th
 
 import contextlib
 import dataclasses
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import array_api_compat.torch as xp_torch
@@ -199,6 +200,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
     ctx.reduction = reduction
     ctx.label_smoothing = label_smoothing
     ctx.z_loss, ctx.softcap = inputs[8], inputs[9]
+    ctx.ignore_index, ctx.zero_if_all_ignored = inputs[5], inputs[10]
     # The second output (the gradient buffer) never receives a gradient: do not let autograd fill an
     # input-sized tensor of zeros for it.
     ctx.set_materialize_grads(False)
@@ -210,6 +212,8 @@ def _backward(ctx: Any, grad_loss: torch.Tensor | None, _grad_of_grad: torch.Ten
     grad_input = None
     if grad_loss is None:  # the loss itself was not used
         return (None,) * 12
+    if torch.is_grad_enabled():  # backward(create_graph=True): the gradient must be differentiable
+        return _differentiable_backward(ctx, grad_loss, input, target, weight, normalizer)
     if ctx.needs_input_grad[0]:
         if grad.numel() != input.numel():
             raise RuntimeError("crossent: the forward pass did not compute the gradient (input did not require it)")
@@ -222,6 +226,25 @@ def _backward(ctx: Any, grad_loss: torch.Tensor | None, _grad_of_grad: torch.Ten
     grad_target = None
     if ctx.needs_input_grad[1] and target.is_floating_point():
         grad_target = _probability_target_grad(ctx, grad_loss, input, target, weight, normalizer)
+    return grad_input, grad_target, None, None, None, None, None, None, None, None, None, None
+
+
+def _differentiable_backward(ctx: Any, grad_loss, input, target, weight, normalizer) -> tuple[Any, ...]:
+    """The gradients as torch operations that autograd can differentiate again (Hessian-vector
+    products, MAML, gradient penalties): the saved gradient is a constant to autograd, so the loss is
+    recomputed with the torch-ops implementation and differentiated with create_graph=True."""
+    shape = _shape(input, target, ctx.class_axis)
+    opts = _options(
+        ctx.ignore_index, ctx.reduction, ctx.label_smoothing, ctx.z_loss, ctx.softcap, normalizer,
+        ctx.zero_if_all_ignored,
+    )  # fmt: skip
+    wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1] and target.is_floating_point()]
+    inputs = [tensor for tensor, want in zip((input, target), wanted, strict=True) if want]
+    if not inputs:
+        return (None,) * 12
+    loss, _ = _torch_loss_and_grad(input, target, weight, shape, opts, compute_grad=False)
+    grads = iter(torch.autograd.grad(loss, inputs, grad_loss, create_graph=True, allow_unused=True))
+    grad_input, grad_target = (next(grads) if want else None for want in wanted)
     return grad_input, grad_target, None, None, None, None, None, None, None, None, None, None
 
 
@@ -244,6 +267,27 @@ def _probability_target_grad(ctx: Any, grad_loss, input, target, weight, normali
 
 
 cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def first_derivative_only(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """For the backward of an autograd.Function computed outside autograd (by the kernel, in place, or
+    from the forward's saved gradients): autograd would take its result for a constant, so a second
+    derivative through it (backward with create_graph=True) would silently miss this loss's term.
+    Raise instead."""
+
+    def decorate(backward: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(backward)
+        def checked(ctx: Any, *grads: Any) -> Any:
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"crossent.torch.{name} has no second derivative (backward ran with create_graph=True); "
+                    "use crossent.torch.cross_entropy, whose gradient is differentiable"
+                )
+            return backward(ctx, *grads)
+
+        return checked
+
+    return decorate
 
 
 class InplaceBackward(torch.autograd.Function):
@@ -281,6 +325,7 @@ class InplaceBackward(torch.autograd.Function):
         return loss.clone() if loss._base is not None else loss
 
     @staticmethod
+    @first_derivative_only("cross_entropy with inplace_backward=True")
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
         if ctx.used:
             raise RuntimeError(

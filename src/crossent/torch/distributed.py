@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from .. import _validate
 from ._linear import _LinearCrossEntropy, prepare_arguments
-from ._ops import loss_options
+from ._ops import first_derivative_only, loss_options
 from ._reduction import mean_denominator_and_scale, reduce_losses
 from ._vocab_slices import VocabSlice, combine, slice_gradient, slice_statistics
 
@@ -145,6 +145,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return reduce_losses(loss, denom, opts).to(local.dtype)
 
     @staticmethod
+    @first_derivative_only("distributed.vocab_parallel_cross_entropy")
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
         local, target = ctx.saved_tensors
         opts, terms = ctx.opts, ctx.terms
