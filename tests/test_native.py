@@ -154,17 +154,21 @@ def test_kernel_target_dtypes(rng, target_dtype):
     assert_matches_reference(case, rng)
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((8, 3000), 1), ((4, 7, 130), 1), ((3, 5, 7), 2)], ids=str)
+# (2, 3, 40000): enough positions for the weighted mean's denominator to be summed in parallel too.
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((8, 3000), 1), ((4, 7, 130), 1), ((3, 5, 7), 2), ((2, 3, 40000), 1)], ids=str
+)
 def test_results_are_bitwise_identical_for_any_thread_count(rng, shape, axis):
     x = (4 * rng.standard_normal(shape)).astype(np.float32)
     batch = shape[:axis] + shape[axis + 1 :]
     y = rng.integers(0, shape[axis], size=batch)
+    weight = rng.uniform(0.1, 2.0, shape[axis]).astype(np.float32)
     previous = crossent.get_num_threads()
     results = []
     try:
         for threads in [1, 2, 3, 7]:
             crossent.set_num_threads(threads)
-            loss, grad = crossent.cross_entropy_and_grad(x, y, axis=axis, label_smoothing=0.1)
+            loss, grad = crossent.cross_entropy_and_grad(x, y, weight, axis=axis, label_smoothing=0.1)
             rows = crossent.cross_entropy(x, y, axis=axis, reduction="none")
             results.append((loss.tobytes(), grad.tobytes(), rows.tobytes(), crossent.log_softmax(x, axis).tobytes()))
     finally:

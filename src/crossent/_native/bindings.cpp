@@ -127,14 +127,19 @@ crossent::LossCall loss_call(const Array& x, int dtype, int64_t outer, int64_t c
 
 // Whether every class index is in [0, classes) or equal to ignore_index: one branch-free pass that the
 // compiler vectorises, where NumPy needs four (the Python check then finds and names an offender).
+// Split over the threads past this many targets (the 524288 labels of 8x256x256 segmentation): the
+// check is a serial pass before the parallel kernel otherwise.
+constexpr int64_t kParallelCheckFrom = 1 << 17;
+
 template <class TI>
 bool class_indices_valid(const TI* t, int64_t n, int64_t classes, int64_t ignore_index) {
-    bool ok = true;
+    int ok = 1;
+#pragma omp parallel for schedule(static) reduction(& : ok) if (n >= kParallelCheckFrom) num_threads(g_threads)
     for (int64_t i = 0; i < n; ++i) {
         const int64_t v = static_cast<int64_t>(t[i]);
-        ok &= (v >= 0 && v < classes) || v == ignore_index;
+        ok &= static_cast<int>((v >= 0 && v < classes) || v == ignore_index);
     }
-    return ok;
+    return ok != 0;
 }
 
 bool class_indices_valid(const Array& target, int target_kind, int64_t classes, int64_t ignore_index) {
