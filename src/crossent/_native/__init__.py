@@ -51,7 +51,7 @@ def class_indices_valid(target: Any, n_classes: int, ignore_index: int) -> bool:
     return code is not None and extension.class_indices_valid(target, code, n_classes, ignore_index)
 
 
-_PLAIN_REDUCTION_CODES = {"mean": 1, "sum": 2}
+_PLAIN_REDUCTION_CODES = {name: _REDUCTION_CODES[name] for name in ("mean", "sum")}
 # Native byte order only: np.dtype(">f4") differs from np.dtype("f4").
 _PLAIN_INPUT_DTYPES = frozenset(map(np.dtype, ("float32", "float64")))
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1

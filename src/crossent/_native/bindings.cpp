@@ -242,7 +242,9 @@ NB_MODULE(_crossent_native, m) {
             // handling. None for anything else, or an index out of range: the general path then checks
             // and reports.
             const nb::dlpack::dtype xt = x.dtype(), tt = target.dtype();
-            const int dtype = xt == nb::dtype<float>() ? 0 : xt == nb::dtype<double>() ? 1 : -1;
+            const int dtype = xt == nb::dtype<float>()    ? static_cast<int>(crossent::DType::f32)
+                              : xt == nb::dtype<double>() ? static_cast<int>(crossent::DType::f64)
+                                                          : -1;
             const int kind = tt == nb::dtype<int64_t>()   ? static_cast<int>(crossent::TargetKind::i64)
                              : tt == nb::dtype<int32_t>() ? static_cast<int>(crossent::TargetKind::i32)
                              : tt == nb::dtype<uint8_t>() ? static_cast<int>(crossent::TargetKind::u8)
