@@ -14,10 +14,11 @@ import argparse
 import pathlib
 import sys
 
-from crossent.bench import best_of, write_report
+from crossent.bench import best_in_turns, write_report
 from crossent.bench.linear import (
     LINEAR_CASES,
     QUICK_LINEAR_CASES,
+    VARIANTS,
     format_linear_table,
     plot_linear_memory,
     run_linear_suite,
@@ -39,8 +40,8 @@ def compile_vs_eager(n: int, v: int, repeats: int) -> dict:
         x.grad = None
         fn(x, y).backward()
 
-    eager_torch = best_of(lambda: step(F.cross_entropy), repeats)
-    crossent_compiled = best_of(lambda: step(compiled), repeats)
+    best = best_in_turns({"eager": lambda: step(F.cross_entropy), "compiled": lambda: step(compiled)}, repeats)
+    eager_torch, crossent_compiled = best["eager"], best["compiled"]
     return {"shape": [n, v], "eager_torch_s": eager_torch, "crossent_compiled_s": crossent_compiled,
             "speedup": eager_torch / crossent_compiled}  # fmt: skip
 
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path)
     parser.add_argument("--plot", type=pathlib.Path, help="PNG of extra peak memory per variant")
     parser.add_argument("--only", help="run only the cases whose name contains this text (e.g. f32)")
+    parser.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}")
     args = parser.parse_args(argv)
 
     def progress(label: str, done: int, total: int) -> None:
@@ -59,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     cases = QUICK_LINEAR_CASES if args.quick else LINEAR_CASES
     if args.only:
         cases = [c for c in cases if args.only in c.name]
-    rows = run_linear_suite(cases, progress=progress)
+    variants = VARIANTS
+    if args.variants:
+        variants = tuple(v.strip() for v in args.variants.split(","))
+        unknown = sorted(set(variants) - set(VARIANTS))
+        if unknown:
+            parser.error(f"unknown variants {unknown}; expected some of {list(VARIANTS)}")
+    rows = run_linear_suite(cases, progress=progress, variants=variants)
     print(format_linear_table(rows))
     compiled = compile_vs_eager(1024, 8192, 2) if args.quick else compile_vs_eager(4096, 32768, 3)
     print(

@@ -136,6 +136,21 @@ def test_console_script_entry_point_is_declared():
     assert scripts["crossent"] == "crossent.cli:main"
 
 
+def test_bench_peers_are_timed_in_turns():
+    # Each peer is warmed up once, then every round calls each peer calls_per_round times, in an order
+    # rotated by one per round, so that a drift of the machine's speed reaches all peers alike.
+    from crossent.bench import best_in_turns
+
+    order: list[str] = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    best = best_in_turns(calls, rounds=3, calls_per_round=2)
+    assert order[:3] == ["a", "b", "c"]
+    rounds = ["".join(order[3 + 6 * k : 9 + 6 * k]) for k in range(3)]
+    assert rounds == ["aabbcc", "bbccaa", "ccaabb"]
+    assert len(order) == 3 + 18
+    assert sorted(best) == ["a", "b", "c"] and all(0 <= t < 1 for t in best.values())
+
+
 def test_bench_suite_plumbing_on_a_tiny_case():
     # Timings are never asserted; this checks that every peer runs and the report is well-formed.
     from crossent.bench import format_table, ratio_rows, run_suite

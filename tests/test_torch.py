@@ -366,6 +366,41 @@ def test_linear_cross_entropy_probability_targets():
         torch.testing.assert_close(a, c)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("matmul", ["float32", "input dtype"])
+def test_linear_cross_entropy_in_half_precision(dtype, matmul, monkeypatch):
+    # Both matmul paths, whatever this CPU has: float32 matmuls (CPUs without half-precision matrix
+    # instructions), whose float32 logits give a loss as exact as its rounding to `dtype`; and matmuls
+    # in the input's dtype (CPUs with them, GPUs), whose logits are rounded to `dtype` as torch's
+    # F.linear rounds them: the oracle is then the float64 loss of those rounded logits (torch's own
+    # float16 loss overflows to inf here).
+    from crossent.torch import _linear
+
+    monkeypatch.setattr(_linear, "_matmul_dtype", lambda t: torch.float32 if matmul == "float32" else t.dtype)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(40, 32, generator=g).to(dtype).requires_grad_(True)
+    W = (torch.randn(300, 32, generator=g) / 3).to(dtype).requires_grad_(True)
+    b = torch.randn(300, generator=g).to(dtype).requires_grad_(True)
+    y = torch.randint(0, 300, (40,), generator=g)
+    y[::5] = -100
+    loss = ct.linear_cross_entropy(x, W, y, linear_bias=b, chunk_size=16, label_smoothing=0.05)
+    grads = torch.autograd.grad(loss, (x, W, b))
+    assert loss.dtype == dtype and [t.dtype for t in grads] == [dtype] * 3
+    if matmul == "float32":
+        leaves = [t.detach().double().requires_grad_(True) for t in (x, W, b)]
+        want = F.cross_entropy(F.linear(*leaves), y, label_smoothing=0.05)
+        want_grads = torch.autograd.grad(want, leaves)
+        rtol = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-10  # one rounding to dtype
+    else:
+        want = F.cross_entropy(F.linear(x, W, b).double(), y, label_smoothing=0.05)
+        want_grads = torch.autograd.grad(want, (x, W, b))
+        rtol = 2.0**-5 if dtype == torch.bfloat16 else 2.0**-8  # a few roundings of the logits
+    torch.testing.assert_close(loss.double(), want.double(), rtol=rtol, atol=0)
+    for got, exp in zip(grads, want_grads, strict=True):
+        scale = exp.abs().max().double()
+        torch.testing.assert_close(got.double(), exp.double(), rtol=4 * rtol, atol=4 * rtol * scale)
+
+
 def test_linear_module_and_argument_checks():
     loss = ct.LinearCrossEntropyLoss(8, 20, bias=True)
     x, y = torch.randn(5, 8), torch.randint(0, 20, (5,))
@@ -378,6 +413,8 @@ def test_linear_module_and_argument_checks():
         ct.linear_cross_entropy(x, loss.linear.weight, y, chunk_size=0)
     with pytest.raises(ValueError, match="vocab_chunk_size must be at least 1, got 0"):
         ct.linear_cross_entropy(x, loss.linear.weight, y, vocab_chunk_size=0)
+    with pytest.raises(ValueError, match=r"linear_weight has dtype torch\.float64, expected input's dtype"):
+        ct.linear_cross_entropy(x, loss.linear.weight.double(), y)
 
 
 def test_import_crossent_does_not_import_torch():

@@ -8,6 +8,7 @@ The cases (one home for the benchmark shapes) and the peers live here so that bo
 from .suite import (
     CASES,
     QUICK_CASES,
+    best_in_turns,
     best_of,
     format_table,
     machine_metadata,
@@ -20,6 +21,7 @@ from .suite import (
 __all__ = [
     "CASES",
     "QUICK_CASES",
+    "best_in_turns",
     "best_of",
     "format_table",
     "machine_metadata",

@@ -108,9 +108,11 @@ def _child(variant: str, n: int, d: int, v: int, dtype_name: str, repeats: int) 
             "repeats": repeats, "torch_threads": torch.get_num_threads()}  # fmt: skip
 
 
-def run_linear_suite(cases: list[LinearCase], progress: Any = None) -> list[dict[str, Any]]:
+def run_linear_suite(
+    cases: list[LinearCase], progress: Any = None, variants: tuple[str, ...] = VARIANTS
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    jobs = [(case, variant) for case in cases for variant in VARIANTS]
+    jobs = [(case, variant) for case in cases for variant in variants]  # in the order given
     for index, (case, variant) in enumerate(jobs):
         if progress is not None:
             progress(f"linear {case.name} {variant}", index, len(jobs))
@@ -123,6 +125,10 @@ def run_linear_suite(cases: list[LinearCase], progress: Any = None) -> list[dict
             rows.append({"case": case.name, "variant": variant, "seconds": None, "note": f"failed: {last}"})
             continue
         rows.append({"case": case.name, **json.loads(out.stdout.strip().splitlines()[-1])})
+        if progress is not None:  # each result as it comes: a long run stopped early keeps what it measured
+            row = rows[-1]
+            result = f"{row['seconds']:.3f} s, +{row['extra_peak_mib']:.0f} MiB extra peak"
+            progress(f"linear {case.name} {variant}: {result}", index + 1, len(jobs))
     if progress is not None:
         progress("done", len(jobs), len(jobs))
     return rows

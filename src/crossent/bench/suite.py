@@ -1,10 +1,13 @@
 """The kernel benchmark suite: cases, implementations, timing, and the ratios reported from them.
 
-Every implementation of a case is timed in the same process, on the same arrays, best of ``repeats``
-after one warm-up call. "forward" returns the mean loss; "forward+backward" also materialises the
-gradient with respect to the logits. The floors are what the memory system allows: a read-only pass
-over the logits (``np.max``) for forward, and ``np.copyto`` of the logits into a preallocated array
-(one read and one write of the same bytes) for forward+backward.
+Every implementation of a case is timed in the same process, on the same arrays, after one warm-up call
+each, in turns: round k times each implementation once (or ``calls_per_round`` times, for cases of
+microseconds), in an order rotated by k, and each keeps its best round. This machine's speed drifts over
+minutes (other tenants share its host); in turns, a drift reaches every implementation alike instead of
+whichever happened to run during it, so the ratios of one run hold up. "forward" returns the mean loss;
+"forward+backward" also materialises the gradient with respect to the logits. The floors are what the
+memory system allows: a read-only pass over the logits (``np.max``) for forward, and ``np.copyto`` of
+the logits into a preallocated array (one read and one write of the same bytes) for forward+backward.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ class Case:
     dtype: str = "float32"
     modes: tuple[str, ...] = ("forward", "forward+backward")
     peers: tuple[str, ...] = ("crossent", "torch", "jax", "numpy", "floor")
-    repeats: int = 5
+    repeats: int = 5  # rounds
     group: str = "main"  # "sweep" cases are drawn as time against vocabulary size
+    calls_per_round: int = 1  # timed back to back, their mean is the round's time (latency cases)
 
 
 def _sweep(rows: int, vocabularies: list[int], repeats: int) -> list[Case]:
@@ -61,7 +65,12 @@ CASES: list[Case] = [
         peers=("crossent", "crossent-out", "torch", "jax", "floor"),
     ),
     Case(
-        "256x10 f32 (latency)", (256, 10), modes=("forward",), peers=("crossent", "torch", "jax", "numpy"), repeats=200
+        "256x10 f32 (latency)",
+        (256, 10),
+        modes=("forward",),
+        peers=("crossent", "torch", "jax", "numpy"),
+        repeats=20,
+        calls_per_round=20,
     ),
     *_sweep(4096, [1024, 4096, 16384, 65536, 262144], repeats=3),
 ]
@@ -71,7 +80,12 @@ QUICK_CASES: list[Case] = [
     Case("1024x32768 f32", (1024, 32768), peers=_MAIN_PEERS, repeats=3),
     Case("2x21x256x256 f32 (segmentation)", (2, 21, 256, 256), repeats=3),
     Case(
-        "256x10 f32 (latency)", (256, 10), modes=("forward",), peers=("crossent", "torch", "jax", "numpy"), repeats=100
+        "256x10 f32 (latency)",
+        (256, 10),
+        modes=("forward",),
+        peers=("crossent", "torch", "jax", "numpy"),
+        repeats=10,
+        calls_per_round=20,
     ),
     *_sweep(1024, [1024, 8192, 65536], repeats=2),
 ]
@@ -120,9 +134,12 @@ def _available_memory() -> int:
     return 1 << 62
 
 
-# Bytes a peer holds at once, in multiples of the logits (input, log-softmax or softmax, gradients):
-# a peer that would not fit in the memory left is reported as skipped rather than pushed into swap.
+# Bytes a peer holds at once during its call, in multiples of the logits (input, log-softmax or softmax,
+# gradients), and those it keeps between calls (a reused gradient, a copy of the input, torch's .grad):
+# the peers of a case are alive together, and one that would not fit in the memory left is reported as
+# skipped rather than pushed into swap.
 _FOOTPRINT = {"crossent": 2, "crossent-out": 2, "crossent-1thread": 2, "numpy": 4, "torch": 5, "jax": 5, "floor": 2}
+_KEPT = {"crossent": 0, "crossent-out": 1, "crossent-1thread": 1, "numpy": 0, "torch": 1, "jax": 1, "floor": 1}
 
 
 def _make_inputs(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -250,38 +267,73 @@ _PEERS: dict[str, Callable[[np.ndarray, np.ndarray, str], Callable[[], Any]]] = 
 _MODULES = {"torch": "torch", "jax": "jax"}
 
 
+def best_in_turns(calls: dict[str, Callable[[], Any]], rounds: int, calls_per_round: int = 1) -> dict[str, float]:
+    """Each callable's shortest round, the callables timed in turns (see the module's docstring): every
+    one called once untimed first, then ``rounds`` rounds in rotated order."""
+    for fn in calls.values():
+        fn()  # warm-up: JIT compilation, allocator, page faults of one-time buffers
+    names = list(calls)
+    best = dict.fromkeys(names, float("inf"))
+    for k in range(rounds):
+        for j in range(len(names)):
+            name = names[(j + k) % len(names)]
+            fn = calls[name]
+            start = time.perf_counter()
+            for _ in range(calls_per_round):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - start) / calls_per_round)
+    return best
+
+
+def _skip_reason(impl: str, x: np.ndarray, kept: int) -> str:
+    """Why ``impl`` cannot run on ``x`` here, beside peers that keep ``kept`` logits-sized buffers, or ""
+    when it can."""
+    module = _MODULES.get(impl)
+    if module is not None and importlib.util.find_spec(module) is None:
+        return f"{module} not installed"
+    if impl == "numpy" and x.ndim != 2:
+        return "notebook formula: (N, C) only"
+    if (_FOOTPRINT[impl] + kept) * x.nbytes > 0.8 * _available_memory():
+        return "skipped: would not fit in memory"
+    return ""
+
+
 def run_suite(
     cases: list[Case],
     *,
     peers: tuple[str, ...] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[Result]:
-    """Time every (case, mode, peer); a peer that is not installed or would not fit is skipped, with a note."""
-    jobs = [(case, mode, impl) for case in cases for mode in case.modes for impl in case.peers]
-    if peers is not None:
-        jobs = [job for job in jobs if job[2] in peers]
+    """Time every (case, mode, peer), the peers of one (case, mode) in turns; a peer that is not
+    installed or would not fit is skipped, with a note."""
+    groups = [(case, mode) for case in cases for mode in case.modes]
     results: list[Result] = []
     inputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for index, (case, mode, impl) in enumerate(jobs):
+    for index, (case, mode) in enumerate(groups):
         if progress is not None:
-            progress(f"{case.name} {mode} {impl}", index, len(jobs))
+            progress(f"{case.name} {mode}", index, len(groups))
         if case.name not in inputs:
             inputs.clear()  # one case's arrays at a time
             inputs[case.name] = _make_inputs(case)
         x, y = inputs[case.name]
-        result = Result(case.name, case.shape, case.dtype, mode, impl, None, group=case.group)
-        module = _MODULES.get(impl)
-        if module is not None and importlib.util.find_spec(module) is None:
-            result.note = f"{module} not installed"
-        elif impl == "numpy" and x.ndim != 2:
-            result.note = "notebook formula: (N, C) only"
-        elif _FOOTPRINT[impl] * x.nbytes > 0.8 * _available_memory():
-            result.note = "skipped: would not fit in memory"
-        else:
-            result.seconds = best_of(_PEERS[impl](x, y, mode), case.repeats)
-        results.append(result)
+        group: list[Result] = []
+        calls: dict[str, Callable[[], Any]] = {}
+        kept = 0
+        for impl in case.peers:
+            if peers is not None and impl not in peers:
+                continue
+            note = _skip_reason(impl, x, kept)
+            group.append(Result(case.name, case.shape, case.dtype, mode, impl, None, note=note, group=case.group))
+            if not note:
+                calls[impl] = _PEERS[impl](x, y, mode)
+                kept += _KEPT[impl]
+        best = best_in_turns(calls, case.repeats, case.calls_per_round)
+        del calls  # the peers' buffers (reused gradients, device copies) go before the next case's arrays
+        for r in group:
+            r.seconds = best.get(r.impl)
+        results.extend(group)
     if progress is not None:
-        progress("done", len(jobs), len(jobs))
+        progress("done", len(groups), len(groups))
     return results
 
 

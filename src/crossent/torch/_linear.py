@@ -4,7 +4,8 @@ Rows are processed in chunks: for each, the chunk's logits (rows x V) are comput
 loss comes from the fused kernel (CPU) or the torch-ops path, which writes d(loss)/d(logits) over the
 logits, and the chunk's share of the gradients is accumulated at once: dx = dlogits @ W,
 dW += dlogits.T @ x (in float32), db += sum(dlogits). Only one chunk's logits are ever held. Ignored
-rows are dropped before the matmul.
+rows are dropped before the matmul. Half-precision inputs on a CPU without half-precision matrix
+instructions are multiplied in float32, a block of the weight at a time (see _matmul_dtype).
 """
 
 from __future__ import annotations
@@ -28,16 +29,17 @@ from ._ops import (
 from ._reduction import mean_denominator_and_scale, reduce_losses
 from ._vocab_slices import SliceStats, VocabSlice, combine, compute_dtype, slice_gradient, slice_statistics
 
-# Memory budget of one chunk's logits: rows x V in the input dtype, overwritten in place by their
-# gradient, plus for half-precision logits the float32 copy of that gradient the float32 weight
-# gradient is accumulated from: rows * V * per_class bytes, per_class = itemsize (+ 4 for half types).
+# Memory budget of one chunk's logits: rows x V in the matmuls' dtype (_matmul_dtype), overwritten in
+# place by their gradient, plus for half-precision logits the float32 copy of that gradient the float32
+# weight gradient is accumulated from: rows * V * per_class bytes, per_class = itemsize (+ 4 for half
+# types).
 # 24 MiB keeps the memory beyond the outputs (dW alone is V x D float32 whatever we do) a few percent
 # of the naive N x V logits at LLM sizes (V = 32768 float32: 192 rows; measured at D = 512, 192-row
 # chunks took 2% more time than 256-row ones and 8 MiB less memory, 128-row ones 13% more time).
 # Chunks of fewer than 128 rows would make each matmul re-read W (V x D) for too little work (measured
 # at V = 32768, D = 512 float32: the logits matmul of 2048 rows in 128-row chunks took 0.72 s, in
 # 256-row chunks 0.61 s, in 512-row chunks 0.53 s), so 128 rows is the floor even past the budget.
-# Past 4 budgets for 128 rows (V > 196608 float32, V > 131072 bfloat16) the vocabulary is chunked too:
+# Past 4 budgets for 128 rows (V > 196608 float32, V > 131072 half logits) the vocabulary is chunked too:
 # the logits are then computed twice (once for the statistics, once for the gradient), a fourth matmul
 # that buys memory bounded by the budget whatever V is.
 _CHUNK_BUDGET_BYTES = 24 << 20
@@ -113,6 +115,28 @@ class _LocalChunkLoss:
         pass  # dx is complete
 
 
+# torch's CPU matmul has fast bfloat16/float16 kernels only where the CPU has matrix instructions for
+# them (AVX512-BF16 or AMX for bfloat16, AMX-FP16 for float16); elsewhere it is several times slower
+# than float32 (measured on the 2-core AVX2 machine, one thread, (128, 1024) @ (1024, 2048): float32
+# 8.3 ms, bfloat16 57 ms, float16 48 ms). There the chunks' matmuls run in float32 on blocks of the
+# weight converted as they are used (2.8 ms per block, amortised over the chunk's rows), and the loss
+# sees float32 logits, not logits rounded to the input's precision.
+_HALF_MATMUL_PROBES = {
+    torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+    torch.float16: ("_is_amx_fp16_supported",),
+}
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the chunks' logits and matmuls are computed in."""
+    probes = _HALF_MATMUL_PROBES.get(x.dtype)
+    if probes is None or x.device.type != "cpu":
+        return x.dtype
+    if any(getattr(torch.cpu, probe, lambda: False)() for probe in probes):
+        return x.dtype
+    return torch.float32
+
+
 # The logits matmul runs in blocks of this many classes: MKL is faster on (rows, 2048) products written
 # into the chunk's buffer than on one (rows, V) product (measured on the 2-core machine, 2048 rows in
 # 256-row chunks at D = 512, V = 32768 float32: 0.55 s against 0.71 s; at D = 1024 in 128-row chunks
@@ -120,14 +144,31 @@ class _LocalChunkLoss:
 _MATMUL_CLASS_BLOCK = 2048
 
 
+def _class_blocks(v: int) -> range:
+    return range(0, v, _MATMUL_CLASS_BLOCK)
+
+
 def _linear_into(out: torch.Tensor, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x @ W.T + b into a preallocated buffer: no allocation (and no page faults) per chunk."""
-    for v0 in range(0, W.shape[0], _MATMUL_CLASS_BLOCK):
+    """x @ W.T + b into a preallocated buffer, in the buffer's dtype (x is in it already; W and b are
+    converted a block at a time): no allocation (and no page faults) per chunk."""
+    for v0 in _class_blocks(W.shape[0]):
         v1 = min(W.shape[0], v0 + _MATMUL_CLASS_BLOCK)
+        W_block = W[v0:v1].to(out.dtype)
         if b is None:
-            torch.mm(x, W[v0:v1].t(), out=out[:, v0:v1])
+            torch.mm(x, W_block.t(), out=out[:, v0:v1])
         else:
-            torch.addmm(b[v0:v1], x, W[v0:v1].t(), out=out[:, v0:v1])
+            torch.addmm(b[v0:v1].to(out.dtype), x, W_block.t(), out=out[:, v0:v1])
+    return out
+
+
+def _input_grad(dlogits: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """dlogits @ W in dlogits' dtype, W converted a block at a time when the dtypes differ."""
+    if W.dtype == dlogits.dtype:
+        return dlogits @ W
+    out = torch.zeros(dlogits.shape[0], W.shape[1], dtype=dlogits.dtype, device=dlogits.device)
+    for v0 in _class_blocks(W.shape[0]):
+        v1 = min(W.shape[0], v0 + _MATMUL_CLASS_BLOCK)
+        out.addmm_(dlogits[:, v0:v1], W[v0:v1].to(dlogits.dtype))
     return out
 
 
@@ -146,17 +187,18 @@ def _sweep(
     per_row = torch.zeros(n, dtype=compute_dtype(x.dtype), device=x.device)
     grads = None if upstream is None else _grad_buffers(x, W, b)
     # One buffer holds a chunk's logits, then (overwritten in place) their gradient.
-    buffer = _buffer((min(chunk, max(1, rows.numel())), W.shape[0]), x.dtype, x.device)
+    mm_dtype = _matmul_dtype(x)
+    buffer = _buffer((min(chunk, max(1, rows.numel())), W.shape[0]), mm_dtype, x.device)
     for start in range(0, rows.numel(), chunk):
         idx = rows[start : start + chunk]
-        x_c = x.index_select(0, idx)  # (r, D)
+        x_c = x.index_select(0, idx).to(mm_dtype)  # (r, D)
         logits = _linear_into(buffer[: idx.numel()], x_c, W, b)  # (r, V)
         g_c = None if upstream is None else upstream.index_select(0, idx)
         per_row.index_copy_(0, idx, chunk_loss(logits, target.index_select(0, idx), g_c).to(per_row.dtype))
         if grads is not None:
             dx, dW, db = grads
             dlogits = logits  # now the gradient
-            dx.index_copy_(0, idx, (dlogits @ W).to(dx.dtype))
+            dx.index_copy_(0, idx, _input_grad(dlogits, W).to(dx.dtype))
             dW.addmm_(dlogits.t().to(dW.dtype), x_c.to(dW.dtype))  # float32 accumulation over chunks
             if db is not None:
                 db += dlogits.sum(0, dtype=db.dtype)
@@ -214,13 +256,14 @@ def _sweep_vocab_chunks(
     bounds = [(start, min(v, start + vocab_chunk)) for start in range(0, v, vocab_chunk)]
     grads = None if upstream is None else _grad_buffers(x, W, b)
     size = min(chunk, max(1, rows.numel())) * vocab_chunk
-    buffer = _buffer((size,), x.dtype, x.device)  # one vocabulary chunk's logits
+    mm_dtype = _matmul_dtype(x)
+    buffer = _buffer((size,), mm_dtype, x.device)  # one vocabulary chunk's logits
     # Their gradient: over the logits, or in float32 for half-precision logits.
-    grad_buffer = buffer if grads is None or compute == x.dtype else _buffer((size,), compute, x.device)
+    grad_buffer = buffer if grads is None or compute == mm_dtype else _buffer((size,), compute, x.device)
 
     for start in range(0, rows.numel(), chunk):
         idx = rows[start : start + chunk]
-        x_c, t_c = x.index_select(0, idx), target.index_select(0, idx)
+        x_c, t_c = x.index_select(0, idx).to(mm_dtype), target.index_select(0, idx)
         r = idx.numel()
         stats = [slice_statistics(*_vocab_part(buffer, x_c, W, b, t_c, v0, v1, weight), opts) for v0, v1 in bounds]
         whole = VocabSlice(0, v, v, weight)
@@ -236,7 +279,7 @@ def _sweep_vocab_chunks(
             out = grad_buffer[: r * (v1 - v0)].view(r, v1 - v0)
             terms_k = dataclasses.replace(terms, lse_local=stats[k].lse)
             dlogits = slice_gradient(logits, t_k, sl, opts, terms_k, g_c, out=out)
-            dx_c += (dlogits.to(W.dtype) @ W[v0:v1]).to(compute)
+            dx_c += _input_grad(dlogits.to(mm_dtype), W[v0:v1]).to(compute)
             dW[v0:v1].addmm_(dlogits.t().to(dW.dtype), x_c.to(dW.dtype))  # float32 accumulation over chunks
             if db is not None:
                 db[v0:v1] += dlogits.sum(0, dtype=dW.dtype)
@@ -353,7 +396,10 @@ def linear_cross_entropy(
     ``batch_chunk_size``), plus crossent's loss options. Gradients flow to ``input``, ``linear_weight``
     and ``linear_bias``; the weight gradient is accumulated in float32. For ``mean`` and ``sum`` the
     gradients are computed in the forward sweep (one pass over the data); for ``none`` the backward
-    recomputes the chunks' logits with the per-row upstream gradient.
+    recomputes the chunks' logits with the per-row upstream gradient. bfloat16 and float16 inputs on a
+    CPU without matrix instructions for them (AVX512-BF16, AMX) are multiplied in float32, where torch's
+    half-precision matmul is several times slower: the logits are then float32, not rounded to the
+    input's precision.
 
     Parameters
     ----------
@@ -364,8 +410,8 @@ def linear_cross_entropy(
         Rows per chunk; by default derived from a 24 MiB budget for one chunk's logits and gradient.
     vocab_chunk_size : int, optional
         Classes per chunk; by default all of them, unless 128 rows of the whole vocabulary would take
-        more than four budgets (V > 196608 float32, V > 131072 bfloat16). The logits of a vocabulary
-        chunk are computed twice, for the loss and for the gradient.
+        more than four budgets (V > 196608 float32 logits, V > 131072 half-precision ones). The logits
+        of a vocabulary chunk are computed twice, for the loss and for the gradient.
 
     Examples
     --------
@@ -425,6 +471,9 @@ def prepare_arguments(
         raise ValueError(
             f"input's last dimension {input.shape[-1]} does not match linear_weight's in_features {in_features}"
         )
+    for name, tensor in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if tensor is not None and tensor.dtype != input.dtype:
+            raise ValueError(f"{name} has dtype {tensor.dtype}, expected input's dtype {input.dtype}")
     if linear_bias is not None and tuple(linear_bias.shape) != (n_classes,):
         raise ValueError(f"linear_bias must have shape ({n_classes},), got {tuple(linear_bias.shape)}")
     for name, size in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
@@ -446,5 +495,5 @@ def prepare_arguments(
     norm = opts.normalizer
     if norm is not None and not isinstance(norm, torch.Tensor):
         norm = torch.tensor(float(norm), dtype=torch.float64, device=input.device)
-    chunk = _chunk_shape(n_classes, input.element_size(), chunk_size, vocab_chunk_size)
+    chunk = _chunk_shape(n_classes, _matmul_dtype(input).itemsize, chunk_size, vocab_chunk_size)
     return LinearArguments(x2, t2, norm, chunk, batch)
