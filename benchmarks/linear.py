@@ -19,6 +19,7 @@ from crossent.bench.linear import (
     LINEAR_CASES,
     QUICK_LINEAR_CASES,
     VARIANTS,
+    LinearCase,
     format_linear_table,
     plot_linear_memory,
     run_linear_suite,
@@ -46,6 +47,33 @@ def compile_vs_eager(n: int, v: int, repeats: int) -> dict:
             "speedup": eager_torch / crossent_compiled}  # fmt: skip
 
 
+def gemm_rates(case: LinearCase, rows: int) -> dict:
+    """torch's three matmuls of one forward+backward of the linear loss (logits, input gradient, weight
+    gradient) on ``rows`` of the case's rows, in the case's dtype and in float32: GFLOP/s of each. Where
+    a half-precision rate is a small fraction of float32's, the naive and torch-chunked variants of that
+    case cannot finish in a benchmark's time on this machine."""
+    import time
+
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, case.d, generator=g)
+    W = torch.randn(case.v, case.d, generator=g)
+    G = torch.randn(rows, case.v, generator=g)
+    flop = 2 * rows * case.d * case.v
+    rates: dict = {"rows": rows, "dtype": case.dtype}
+    for dtype_name in (case.dtype, "float32"):
+        dtype = getattr(torch, dtype_name)
+        xd, Wd, Gd = x.to(dtype), W.to(dtype), G.to(dtype)
+        for name, left, right in (("logits x @ W.T", xd, Wd.T), ("dlogits @ W", Gd, Wd), ("dlogits.T @ x", Gd.T, xd)):
+            if dtype == torch.float32:
+                torch.matmul(left, right)  # warm-up (one call of a half-precision one takes seconds here)
+            start = time.perf_counter()
+            torch.matmul(left, right)
+            rates[f"{dtype_name} {name} GFLOP/s"] = flop / (time.perf_counter() - start) / 1e9
+    return rates
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -53,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=pathlib.Path, help="PNG of extra peak memory per variant")
     parser.add_argument("--only", help="run only the cases whose name contains this text (e.g. f32)")
     parser.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument(
+        "--gemm-rates",
+        type=int,
+        metavar="ROWS",
+        help="also time torch's matmuls of the half-precision cases on this many rows",
+    )
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparison")
     args = parser.parse_args(argv)
 
     def progress(label: str, done: int, total: int) -> None:
@@ -69,13 +104,20 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown variants {unknown}; expected some of {list(VARIANTS)}")
     rows = run_linear_suite(cases, progress=progress, variants=variants)
     print(format_linear_table(rows))
-    compiled = compile_vs_eager(1024, 8192, 2) if args.quick else compile_vs_eager(4096, 32768, 3)
-    print(
-        f"drop-in under torch.compile, {compiled['shape'][0]}x{compiled['shape'][1]} f32 forward+backward: "
-        f"eager torch {compiled['eager_torch_s'] * 1e3:.1f} ms, crossent compiled "
-        f"{compiled['crossent_compiled_s'] * 1e3:.1f} ms ({compiled['speedup']:.2f}x)"
-    )
-    write_report({"linear": rows, "compile": compiled}, args.out, "linear", pathlib.Path(__file__).parent / "results")
+    report: dict = {"linear": rows}
+    if args.gemm_rates:
+        report["gemm_rates"] = [gemm_rates(c, args.gemm_rates) for c in cases if c.dtype != "float32"]
+        for rates in report["gemm_rates"]:
+            print(", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in rates.items()))
+    if not args.no_compile:
+        compiled = compile_vs_eager(1024, 8192, 2) if args.quick else compile_vs_eager(4096, 32768, 3)
+        print(
+            f"drop-in under torch.compile, {compiled['shape'][0]}x{compiled['shape'][1]} f32 forward+backward: "
+            f"eager torch {compiled['eager_torch_s'] * 1e3:.1f} ms, crossent compiled "
+            f"{compiled['crossent_compiled_s'] * 1e3:.1f} ms ({compiled['speedup']:.2f}x)"
+        )
+        report["compile"] = compiled
+    write_report(report, args.out, "linear", pathlib.Path(__file__).parent / "results")
     if args.plot:
         plot_linear_memory(rows, str(args.plot))
         print(f"wrote {args.plot}")

@@ -368,7 +368,8 @@ def test_linear_cross_entropy_probability_targets():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("matmul", ["float32", "input dtype"])
-def test_linear_cross_entropy_in_half_precision(dtype, matmul, monkeypatch):
+@pytest.mark.parametrize("vocab_chunk_size", [None, 64])
+def test_linear_cross_entropy_in_half_precision(dtype, matmul, vocab_chunk_size, monkeypatch):
     # Both matmul paths, whatever this CPU has: float32 matmuls (CPUs without half-precision matrix
     # instructions), whose float32 logits give a loss as exact as its rounding to `dtype`; and matmuls
     # in the input's dtype (CPUs with them, GPUs), whose logits are rounded to `dtype` as torch's
@@ -383,7 +384,9 @@ def test_linear_cross_entropy_in_half_precision(dtype, matmul, monkeypatch):
     b = torch.randn(300, generator=g).to(dtype).requires_grad_(True)
     y = torch.randint(0, 300, (40,), generator=g)
     y[::5] = -100
-    loss = ct.linear_cross_entropy(x, W, y, linear_bias=b, chunk_size=16, label_smoothing=0.05)
+    loss = ct.linear_cross_entropy(
+        x, W, y, linear_bias=b, chunk_size=16, vocab_chunk_size=vocab_chunk_size, label_smoothing=0.05
+    )
     grads = torch.autograd.grad(loss, (x, W, b))
     assert loss.dtype == dtype and [t.dtype for t in grads] == [dtype] * 3
     if matmul == "float32":

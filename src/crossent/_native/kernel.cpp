@@ -456,6 +456,18 @@ inline double blocked_sum(int64_t n, F f) {
     return total;
 }
 
+// The sum of v[0, n) from four interleaved partial sums: a fixed order (the same bits for any thread
+// count) without one chain of n dependent additions.
+inline double sum_in_four_lanes(const double* v, int64_t n) {
+    double lane[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        for (int j = 0; j < 4; ++j) lane[j] += v[i + j];
+    }
+    for (; i < n; ++i) lane[0] += v[i];
+    return (lane[0] + lane[1]) + (lane[2] + lane[3]);
+}
+
 // The batch total from the work items' partial sums, added in item order (so the same for any thread
 // count), divided by the mean's denominator for reduction="mean".
 inline double reduce_items(const std::vector<double>& partial, double denom, const LossCall& call) {
@@ -804,15 +816,6 @@ double cross_entropy_tiles(const LossCall& call) {
             std::copy(xo, xo + len * n, tile_copy.data());
             xo = tile_copy.data();
         }
-        if (!SMALL_ROWS && i0 + kTile < inner) {
-            // The next tile's classes are n streams at stride `inner`, more than the hardware
-            // prefetcher follows: ask for their lines while this tile is computed.
-            for (int64_t c = 0; c < n; ++c) {
-                for (int64_t l = kTile; l < std::min(2 * kTile, inner - i0); l += kLineElements<T>) {
-                    __builtin_prefetch(xo + c * cs + l);
-                }
-            }
-        }
         const Store<T>* to = targets ? targets + o * n * inner + i0 * ps : nullptr;
         C m[kTile], part[kTile], A[kTile], B[kTile], fix_c[kTile], keep_c[kTile], x_target[kTile];
         double s_sum[kTile], wx[kTile], wtx[kTile], wt[kTile];
@@ -822,28 +825,32 @@ double cross_entropy_tiles(const LossCall& call) {
         // select instead of a scalar gather per position.
         int32_t y[kTile];
         int64_t y64[kTile];
-        if (!probability) class_indices(call, o * inner + i0, len, y64);
+        if (probability) {
+            std::fill(y64, y64 + len, int64_t(-1));  // no class index; every position counts
+        } else {
+            class_indices(call, o * inner + i0, len, y64);
+        }
+        // Per-position state, in loops without branches that vectorise.
+#pragma omp simd
         for (int64_t l = 0; l < len; ++l) {
-            const int64_t row = o * inner + i0 + l;
             m[l] = -std::numeric_limits<C>::infinity();
             s_sum[l] = wx[l] = wtx[l] = wt[l] = 0.0;
-            y[l] = -1;
-            wy[l] = 0.0;
             x_target[l] = 0;
-            bool valid = true;
-            if (!probability) {
-                const int64_t yl = y64[l];
-                valid = yl != call.ignore_index && yl >= 0 && yl < n;
-                if (valid) {
-                    y[l] = static_cast<int32_t>(yl);
-                    wy[l] = static_cast<double>(w[yl]);
-                }
-            }
-            keep_c[l] = valid ? C(1) : C(0);
-            g[l] = grad_rows ? static_cast<double>(grad_rows[row]) : g_scalar;
+            const int64_t yl = y64[l];
+            const bool counted = yl != call.ignore_index && yl >= 0 && yl < n;
+            y[l] = counted && !probability ? static_cast<int32_t>(yl) : -1;
+            keep_c[l] = counted || probability ? C(1) : C(0);
         }
+        for (int64_t l = 0; l < len; ++l) wy[l] = y[l] < 0 ? 0.0 : static_cast<double>(w[y[l]]);
+        const int64_t row0 = o * inner + i0;
+        for (int64_t l = 0; l < len; ++l) g[l] = grad_rows ? static_cast<double>(grad_rows[row0 + l]) : g_scalar;
+        // The next tile's classes are n streams at stride `inner`, more than the hardware prefetcher
+        // follows: ask for their lines while this tile is computed, a class at a time in the pass
+        // below, so that the misses in flight stay within what the core can track.
+        const int64_t next_end = !SMALL_ROWS && i0 + kTile < inner ? std::min(2 * kTile, inner - i0) : 0;
         for (int64_t c = 0; c < n; ++c) {
             const Store<T>* xc = xo + c * cs;
+            for (int64_t l = kTile; l < next_end; l += kLineElements<T>) __builtin_prefetch(xc + l);
             const int32_t c32 = static_cast<int32_t>(c);
 #pragma omp simd
             for (int64_t l = 0; l < len; ++l) {
@@ -926,12 +933,10 @@ double cross_entropy_tiles(const LossCall& call) {
             B[l] = static_cast<C>(Bd[l]);
             fix_c[l] = static_cast<C>(fix[l]);
         }
-        double sum = 0.0;
-        for (int64_t l = 0; l < len; ++l) {
-            if (loss_rows) loss_rows[o * inner + i0 + l] = static_cast<C>(loss[l]);
-            sum += loss[l];
+        if (loss_rows) {
+            for (int64_t l = 0; l < len; ++l) loss_rows[row0 + l] = static_cast<C>(loss[l]);
         }
-        partial[static_cast<size_t>(item)] = sum;
+        partial[static_cast<size_t>(item)] = sum_in_four_lanes(loss, len);
         if (!go) continue;
         for (int64_t c = 0; c < n; ++c) {
             const C wc = w[c];
