@@ -1,13 +1,17 @@
 """The kernel benchmark suite: cases, implementations, timing, and the ratios reported from them.
 
-Every implementation of a case is timed in the same process, on the same arrays, after one warm-up call
-each, in turns: round k times each implementation once (or ``calls_per_round`` times, for cases of
-microseconds), in an order rotated by k, and each keeps its best round. This machine's speed drifts over
-minutes (other tenants share its host); in turns, a drift reaches every implementation alike instead of
-whichever happened to run during it, so the ratios of one run hold up. "forward" returns the mean loss;
-"forward+backward" also materialises the gradient with respect to the logits. The floors are what the
-memory system allows: a read-only pass over the logits (``np.max``) for forward, and ``np.copyto`` of
-the logits into a preallocated array (one read and one write of the same bytes) for forward+backward.
+Every implementation of a case is timed in the same process, on the same arrays, in turns: round k gives
+each implementation a turn, in an order rotated by k, of one untimed call and then one timed call (or
+``calls_per_round``, for cases of microseconds), and each keeps its best round. This machine's speed
+drifts over minutes (other tenants share its host); in turns, a drift reaches every implementation
+alike instead of whichever happened to run during it, so the ratios of one run hold up, and the
+untimed call keeps one implementation's aftermath (threads still spinning, memory to compact) out of
+the next one's time.
+
+"forward" returns the mean loss; "forward+backward" also materialises the gradient with respect to the
+logits. The floors are what the memory system allows: a read-only pass over the logits (``np.max``) for
+forward, and ``np.copyto`` of the logits into a preallocated array (one read and one write of the same
+bytes) for forward+backward.
 """
 
 from __future__ import annotations
@@ -268,19 +272,20 @@ _MODULES = {"torch": "torch", "jax": "jax"}
 
 
 def best_in_turns(calls: dict[str, Callable[[], Any]], rounds: int, calls_per_round: int = 1) -> dict[str, float]:
-    """Each callable's shortest round, the callables timed in turns (see the module's docstring): every
-    one called once untimed first, then ``rounds`` rounds in rotated order."""
-    for fn in calls.values():
-        fn()  # warm-up: JIT compilation, allocator, page faults of one-time buffers
+    """Each callable's shortest round, the callables timed in turns (see the module's docstring). Every
+    turn starts with an untimed call: it absorbs what the previous callable left behind (another
+    library's threads still spinning after its call, memory it freed in pieces that the next large
+    allocation would have to compact), so that each timed call runs as it would among calls of its own."""
     names = list(calls)
     best = dict.fromkeys(names, float("inf"))
     for k in range(rounds):
         for j in range(len(names)):
-            name = names[(j + k) % len(names)]
-            fn = calls[name]
+            fn = calls[names[(j + k) % len(names)]]
+            fn()  # untimed: also the warm-up of the first round (JIT compilation, one-time buffers)
             start = time.perf_counter()
             for _ in range(calls_per_round):
                 fn()
+            name = names[(j + k) % len(names)]
             best[name] = min(best[name], (time.perf_counter() - start) / calls_per_round)
     return best
 
@@ -442,7 +447,7 @@ def draw_sweep(ax: Any, results: list[Result]) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("vocabulary size V")
-    ax.set_ylabel("time (ms), best of repeats")
+    ax.set_ylabel("time (ms), best round")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
 
