@@ -116,11 +116,13 @@ class _LocalChunkLoss:
 
 
 # torch's CPU matmul has fast bfloat16/float16 kernels only where the CPU has matrix instructions for
-# them (AVX512-BF16 or AMX for bfloat16, AMX-FP16 for float16); elsewhere it is several times slower
-# than float32 (measured on the 2-core AVX2 machine, one thread, (128, 1024) @ (1024, 2048): float32
-# 8.3 ms, bfloat16 57 ms, float16 48 ms). There the chunks' matmuls run in float32 on blocks of the
-# weight converted as they are used (2.8 ms per block, amortised over the chunk's rows), and the loss
-# sees float32 logits, not logits rounded to the input's precision.
+# them (AVX512-BF16 or AMX for bfloat16, AMX-FP16 for float16); elsewhere it is far slower than
+# float32 (for bfloat16, perf shows a reference loop, cpublas_gemm_impl, on one core). Measured on the
+# 2-core AVX2 machine, one thread, (128, 1024) @ (1024, 2048): float32 8.3 ms, bfloat16 57 ms, float16
+# 48 ms; two threads, 32 rows: the input gradient's (rows, V) @ (V, D) at 0.15 GFLOP/s, float32's 40.
+# There the chunks' matmuls run in float32 on blocks of the weight converted as they are used (2.8 ms
+# per block, amortised over the chunk's rows), and the loss sees float32 logits, not logits rounded to
+# the input's precision.
 _HALF_MATMUL_PROBES = {
     torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
     torch.float16: ("_is_amx_fp16_supported",),
