@@ -52,6 +52,12 @@ def _sweep(rows: int, vocabularies: list[int], repeats: int) -> list[Case]:
     ]  # fmt: skip
 
 
+def _latency(rounds: int) -> Case:
+    """The notebooks' size, 256x10 forward: the time of one call from Python, rounds of 20 calls."""
+    return Case("256x10 f32 (latency)", (256, 10), modes=("forward",), peers=("crossent", "torch", "jax", "numpy"),
+                repeats=rounds, calls_per_round=20)  # fmt: skip
+
+
 _MAIN_PEERS = ("crossent", "crossent-out", "crossent-1thread", "torch", "jax", "numpy", "floor")
 
 CASES: list[Case] = [
@@ -68,14 +74,7 @@ CASES: list[Case] = [
         (8, 21, 256, 256),
         peers=("crossent", "crossent-out", "torch", "jax", "floor"),
     ),
-    Case(
-        "256x10 f32 (latency)",
-        (256, 10),
-        modes=("forward",),
-        peers=("crossent", "torch", "jax", "numpy"),
-        repeats=20,
-        calls_per_round=20,
-    ),
+    _latency(rounds=20),
     *_sweep(4096, [1024, 4096, 16384, 65536, 262144], repeats=3),
 ]
 
@@ -83,14 +82,7 @@ CASES: list[Case] = [
 QUICK_CASES: list[Case] = [
     Case("1024x32768 f32", (1024, 32768), peers=_MAIN_PEERS, repeats=3),
     Case("2x21x256x256 f32 (segmentation)", (2, 21, 256, 256), repeats=3),
-    Case(
-        "256x10 f32 (latency)",
-        (256, 10),
-        modes=("forward",),
-        peers=("crossent", "torch", "jax", "numpy"),
-        repeats=10,
-        calls_per_round=20,
-    ),
+    _latency(rounds=10),
     *_sweep(1024, [1024, 8192, 65536], repeats=2),
 ]
 
@@ -280,12 +272,12 @@ def best_in_turns(calls: dict[str, Callable[[], Any]], rounds: int, calls_per_ro
     best = dict.fromkeys(names, float("inf"))
     for k in range(rounds):
         for j in range(len(names)):
-            fn = calls[names[(j + k) % len(names)]]
+            name = names[(j + k) % len(names)]
+            fn = calls[name]
             fn()  # untimed: also the warm-up of the first round (JIT compilation, one-time buffers)
             start = time.perf_counter()
             for _ in range(calls_per_round):
                 fn()
-            name = names[(j + k) % len(names)]
             best[name] = min(best[name], (time.perf_counter() - start) / calls_per_round)
     return best
 

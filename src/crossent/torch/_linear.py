@@ -146,15 +146,15 @@ def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
 _MATMUL_CLASS_BLOCK = 2048
 
 
-def _class_blocks(v: int) -> range:
-    return range(0, v, _MATMUL_CLASS_BLOCK)
+def _class_blocks(v: int) -> list[tuple[int, int]]:
+    """[v0, v1) of each block of classes the matmuls run on."""
+    return [(v0, min(v, v0 + _MATMUL_CLASS_BLOCK)) for v0 in range(0, v, _MATMUL_CLASS_BLOCK)]
 
 
 def _linear_into(out: torch.Tensor, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """x @ W.T + b into a preallocated buffer, in the buffer's dtype (x is in it already; W and b are
     converted a block at a time): no allocation (and no page faults) per chunk."""
-    for v0 in _class_blocks(W.shape[0]):
-        v1 = min(W.shape[0], v0 + _MATMUL_CLASS_BLOCK)
+    for v0, v1 in _class_blocks(W.shape[0]):
         W_block = W[v0:v1].to(out.dtype)
         if b is None:
             torch.mm(x, W_block.t(), out=out[:, v0:v1])
@@ -168,8 +168,7 @@ def _input_grad(dlogits: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     if W.dtype == dlogits.dtype:
         return dlogits @ W
     out = torch.zeros(dlogits.shape[0], W.shape[1], dtype=dlogits.dtype, device=dlogits.device)
-    for v0 in _class_blocks(W.shape[0]):
-        v1 = min(W.shape[0], v0 + _MATMUL_CLASS_BLOCK)
+    for v0, v1 in _class_blocks(W.shape[0]):
         out.addmm_(dlogits[:, v0:v1], W[v0:v1].to(dlogits.dtype))
     return out
 
