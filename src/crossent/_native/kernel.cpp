@@ -51,8 +51,15 @@ inline To bits_as(From from) {
 // "shifter" 1.5 * 2^23 (2^52 for double) rounds x / ln 2 to an integer that lands in the low mantissa
 // bits, so k needs no float-to-int conversion (which AVX2 lacks for doubles); those same bits, moved
 // into the exponent field, give 2^k. ln 2 is split into a head with trailing zero bits (k * head is
-// exact) and a tail (Cody & Waite). exp(r) - 1 is a polynomial: Cephes' minimax fit for float
-// (about 1 ulp), the Taylor series to r^13 for double (remainder below 0.1 ulp on |r| <= 0.347).
+// exact) and a tail (Cody & Waite). exp(r) - 1 - r is r^2 times a polynomial: for float a minimax
+// fit of degree 4, for double the Taylor series to r^13 (remainder below 0.1 ulp on |r| <= 0.347).
+// The polynomials are evaluated by Estrin's scheme (pairs of terms, then pairs of pairs) rather than
+// Horner's: fewer operations in a row, so that more loop iterations are in flight at once. The loss's
+// passes are bound by this latency more than by the FMA units: with this scheme, the shorter fit and
+// vexp's single clamp, the 4096x32768 float forward went from 38.5 to 30.0 ms (AVX2, AMD EPYC, 2 threads).
+//
+// vexp takes only what the kernel passes (a logit minus its row's maximum: x <= 0, or NaN) and spends
+// no instructions on x > 0; vexp_whole_range adds the overflow to inf for the accuracy test.
 
 struct ExpParts {
     // exp(x) = scale * (1 + em1_r); kept apart so that expm1 avoids cancelling near 0.
@@ -66,53 +73,52 @@ inline ExpParts exp_parts(float x) {
     const float k = kd - shifter;
     float r = x - k * 0.693359375f;  // ln 2 head: 9 significant bits, so k * head is exact
     r = r - k * -2.12194440e-4f;     // ln 2 tail
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const float em1_r = p * r * r + r;
+    // p is the minimax fit for relative error that tools/fit_exp_polynomial.py derives: 0.064 half-ulps,
+    // far below the rounding of the few operations after it.
+    const float r2 = r * r;
+    const float p01 = 1.66665211e-1f * r + 4.99999940e-1f;
+    const float p23 = 8.36871006e-3f * r + 4.16683890e-2f;
+    const float p = (1.38146151e-3f * r2 + p23) * r2 + p01;
+    const float em1_r = p * r2 + r;
     const float scale = bits_as<float>((bits_as<uint32_t>(kd) + 127u) << 23);
     return {scale, em1_r};
 }
 
-// Valid for the whole float range: 0 below -87.33 (flushing what would be subnormal), inf above
-// 88.37 (the largest x with 2^k finite for this k), NaN for NaN. Inside the kernel x <= 0 always.
+// For x <= 0 or NaN: 0 below -87.33 (flushing what would be subnormal), NaN for NaN.
 inline float vexp(float x) {
     const ExpParts e = exp_parts(x);
-    float y = e.scale + e.scale * e.em1_r;
-    y = x < -87.33654f ? 0.0f : y;
-    y = x > 88.37f ? std::numeric_limits<float>::infinity() : y;
-    return y;
+    const float y = e.scale + e.scale * e.em1_r;
+    return x < -87.33654f ? 0.0f : y;
 }
 
+// For x <= 0 or NaN: 0 below -708.39, NaN for NaN.
 inline double vexp(double x) {
     const double shifter = 0x1.8p52;
     const double kd = x * 1.4426950408889634074 + shifter;
     const double k = kd - shifter;
     double r = x - k * 6.93147180369123816490e-01;  // fdlibm's ln 2 head (trailing zero bits)
     r = r - k * 1.90821492927058770002e-10;         // and tail
-    // Taylor coefficients 1/13!, ..., 1/2!, in Horner form.
-    double p = 1.6059043836821614599e-10;
-    p = p * r + 2.0876756987868098979e-09;
-    p = p * r + 2.5052108385441718775e-08;
-    p = p * r + 2.7557319223985890653e-07;
-    p = p * r + 2.7557319223985890653e-06;
-    p = p * r + 2.4801587301587301587e-05;
-    p = p * r + 1.9841269841269841270e-04;
-    p = p * r + 1.3888888888888888889e-03;
-    p = p * r + 8.3333333333333333333e-03;
-    p = p * r + 4.1666666666666666667e-02;
-    p = p * r + 1.6666666666666666667e-01;
-    p = p * r + 0.5;
-    const double em1_r = p * r * r + r;
+    // p(r) = sum_i r^i / (i + 2)! for i = 0..11, as pairs (two terms), quads and the last four.
+    const double r2 = r * r;
+    const double r4 = r2 * r2;
+    const double q0 = 1.6666666666666666667e-01 * r + 0.5;
+    const double q1 = 8.3333333333333333333e-03 * r + 4.1666666666666666667e-02;
+    const double q2 = 1.9841269841269841270e-04 * r + 1.3888888888888888889e-03;
+    const double q3 = 2.7557319223985890653e-06 * r + 2.4801587301587301587e-05;
+    const double q4 = 2.5052108385441718775e-08 * r + 2.7557319223985890653e-07;
+    const double q5 = 1.6059043836821614599e-10 * r + 2.0876756987868098979e-09;
+    const double low = (q1 * r2 + q0) + (q3 * r2 + q2) * r4;
+    const double high = q5 * r2 + q4;
+    const double p = high * (r4 * r4) + low;
+    const double em1_r = p * r2 + r;
     const double scale = bits_as<double>((bits_as<uint64_t>(kd) + 1023u) << 52);
-    double y = scale + scale * em1_r;
-    y = x < -708.39 ? 0.0 : y;
-    y = x > 709.43 ? std::numeric_limits<double>::infinity() : y;
-    return y;
+    const double y = scale + scale * em1_r;
+    return x < -708.39 ? 0.0 : y;
 }
+
+// exp over the whole range of the type: vexp, and inf above the largest x whose 2^k is finite.
+inline float vexp_whole_range(float x) { return x > 88.37f ? std::numeric_limits<float>::infinity() : vexp(x); }
+inline double vexp_whole_range(double x) { return x > 709.43 ? std::numeric_limits<double>::infinity() : vexp(x); }
 
 // tanh(y) = -expm1(-2|y|) / (2 + expm1(-2|y|)) with the sign of y; expm1 = scale * em1_r + (scale - 1)
 // keeps full relative accuracy for small |y|, where (1 - e) / (1 + e) would cancel.
@@ -1145,7 +1151,7 @@ template <class V>
 void exp_array(const V* in, V* out, int64_t n, int threads) {
     const int nt = thread_count(threads, n, n / 4096 + 1);
 #pragma omp parallel for simd schedule(static) num_threads(nt)
-    for (int64_t i = 0; i < n; ++i) out[i] = vexp(in[i]);
+    for (int64_t i = 0; i < n; ++i) out[i] = vexp_whole_range(in[i]);
 }
 
 void exp_f32(const float* in, float* out, int64_t n, int threads) { exp_array(in, out, n, threads); }
