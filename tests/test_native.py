@@ -382,6 +382,61 @@ def test_large_outputs_are_cache_line_aligned(rng):
     assert zeros.ctypes.data % 64 == 0 and zeros.shape == (700, 300) and not zeros.any()
 
 
+@pytest.fixture
+def fresh_buffer_cache():
+    crossent.set_buffer_cache(0)  # empty, so that what the test frees is all the cache holds
+    crossent.set_buffer_cache(_memory._DEFAULT_CACHE_BYTES)
+    yield
+    crossent.set_buffer_cache(_memory._DEFAULT_CACHE_BYTES)
+
+
+def _float64_gradient(x, y):
+    x64 = x.astype(np.float64)
+    p = np.exp(x64 - x64.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1
+    return p / len(y)
+
+
+def test_a_freed_gradient_is_reused_and_a_live_one_never(rng, fresh_buffer_cache):
+    xs = [rng.standard_normal((256, 2048)).astype(np.float32) for _ in range(3)]  # 2 MiB gradients
+    y = rng.integers(0, 2048, 256)
+    _, first = crossent.cross_entropy_and_grad(xs[0], y)
+    view = first[10:]  # a view alone keeps the memory in use
+    address = first.ctypes.data
+    del first
+    _, second = crossent.cross_entropy_and_grad(xs[1], y)
+    assert second.ctypes.data != address
+    np.testing.assert_allclose(view, _float64_gradient(xs[0], y)[10:], rtol=1e-4, atol=1e-10)
+    del view  # now the first gradient's block is free: the next gradient of that size takes it
+    assert _memory.buffer_cache_bytes()[0] > 0
+    _, third = crossent.cross_entropy_and_grad(xs[2], y)
+    assert third.ctypes.data == address and third.ctypes.data % 64 == 0
+    np.testing.assert_allclose(third, _float64_gradient(xs[2], y), rtol=1e-4, atol=1e-10)
+    np.testing.assert_allclose(second, _float64_gradient(xs[1], y), rtol=1e-4, atol=1e-10)
+    # A reused block asked for zeroed is zeroed.
+    del third
+    zeros = _memory.empty((256, 2048), np.float32, zero=True)
+    assert zeros.ctypes.data == address and not zeros.any()
+
+
+def test_the_buffer_cache_keeps_within_its_limit(rng, fresh_buffer_cache):
+    y = rng.integers(0, 2048, 256)
+    grads = [
+        crossent.cross_entropy_and_grad(rng.standard_normal((256, 2048)).astype(np.float32), y)[1] for _ in range(3)
+    ]
+    block = grads[0].base.block.nbytes
+    crossent.set_buffer_cache(2 * block)
+    del grads  # three blocks freed, two fit: the oldest is let go
+    assert _memory.buffer_cache_bytes() == (2 * block, 2 * block)
+    crossent.set_buffer_cache(block + 1)
+    assert _memory.buffer_cache_bytes() == (block, block + 1)
+    crossent.set_buffer_cache(0)
+    assert _memory.buffer_cache_bytes() == (0, 0)
+    with pytest.raises(ValueError, match="max_bytes must be at least 0, got -1"):
+        crossent.set_buffer_cache(-1)
+
+
 @pytest.mark.slow
 def test_inputs_above_2_to_the_31_elements():
     # 32769 x 65536 float16 = 2^31 + 65536 elements (4 GiB): every index past 2^31 must be reached.

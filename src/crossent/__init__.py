@@ -7,6 +7,7 @@ layer is ``crossent.torch``, imported on purpose.
 
 from ._config import config, get_num_threads, set_num_threads, show_config
 from ._functional import cross_entropy, cross_entropy_and_grad, log_softmax, logsumexp, nll_loss, softmax
+from ._memory import set_buffer_cache
 from ._modules import CrossEntropyLoss, LogSoftmax, NLLLoss, Softmax
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "log_softmax",
     "logsumexp",
     "nll_loss",
+    "set_buffer_cache",
     "set_num_threads",
     "show_config",
     "softmax",

@@ -6,7 +6,7 @@ import os
 import platform
 from typing import Any
 
-from . import _native, _validate
+from . import _memory, _native, _validate
 
 
 def set_num_threads(n: int) -> None:
@@ -39,6 +39,7 @@ def config() -> dict[str, Any]:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
+        "buffer_cache": "{:.0f} MiB held of {:.0f} MiB".format(*(b / 2**20 for b in _memory.buffer_cache_bytes())),
     }
     if ext is None:
         info["load_error"] = _native.load_error
