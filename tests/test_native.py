@@ -420,14 +420,28 @@ def test_a_freed_gradient_is_reused_and_a_live_one_never(rng, fresh_buffer_cache
     assert zeros.ctypes.data == address and not zeros.any()
 
 
+def test_bfloat16_outputs_keep_their_dtype(rng, fresh_buffer_cache):
+    import ml_dtypes
+
+    x = rng.standard_normal((256, 4096)).astype(ml_dtypes.bfloat16)  # a 2 MiB gradient: a cached block
+    y = rng.integers(0, 4096, 256)
+    for _ in range(2):  # fresh memory, then the same block again
+        _, grad = crossent.cross_entropy_and_grad(x, y)
+        assert grad.dtype == x.dtype and grad.shape == x.shape
+        np.testing.assert_allclose(grad.astype(np.float64), _float64_gradient(x, y), rtol=2e-2, atol=1e-6)
+        del grad
+
+
 def test_the_buffer_cache_keeps_within_its_limit(rng, fresh_buffer_cache):
     y = rng.integers(0, 2048, 256)
     grads = [
-        crossent.cross_entropy_and_grad(rng.standard_normal((256, 2048)).astype(np.float32), y)[1] for _ in range(3)
+        crossent.cross_entropy_and_grad(rng.standard_normal((256, 2048)).astype(np.float32), y)[1] for _ in range(4)
     ]
-    block = grads[0].base.block.nbytes
+    grads.pop()
+    block = _memory.buffer_cache_bytes()[0]  # what one gradient's block takes
+    assert block >= 256 * 2048 * 4
     crossent.set_buffer_cache(2 * block)
-    del grads  # three blocks freed, two fit: the oldest is let go
+    del grads  # three more blocks freed, two fit: the oldest are let go
     assert _memory.buffer_cache_bytes() == (2 * block, 2 * block)
     crossent.set_buffer_cache(block + 1)
     assert _memory.buffer_cache_bytes() == (block, block + 1)

@@ -77,13 +77,13 @@ class _Lease:
     block.
     """
 
-    def __init__(self, block: np.ndarray, start: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    def __init__(self, block: np.ndarray, start: int, nbytes: int) -> None:
         self.block = block
         self.cache = _cache  # held here: module globals may be gone when the last lease dies at exit
         self.__array_interface__ = {
             "data": (block.ctypes.data + start, False),
-            "shape": shape,
-            "typestr": dtype.str,
+            "shape": (nbytes,),
+            "typestr": "|u1",
             "version": 3,
         }
 
@@ -102,7 +102,9 @@ def empty(shape: tuple[int, ...], dtype: np.dtype | type, *, zero: bool = False)
         block = (np.zeros if zero else np.empty)(nbytes + _ALIGNMENT, np.uint8)
     elif zero:
         block.fill(0)
-    return np.asarray(_Lease(block, -block.ctypes.data % _ALIGNMENT, tuple(shape), dtype))
+    # Bytes first, then the dtype: an interface's type string cannot name every dtype (bfloat16's is "|V2").
+    raw = np.asarray(_Lease(block, -block.ctypes.data % _ALIGNMENT, nbytes))
+    return raw.view(dtype).reshape(shape)
 
 
 def set_buffer_cache(max_bytes: int) -> None:
