@@ -11,7 +11,7 @@ the gradient's own: at 4096x32768 float32, a fresh 512 MiB gradient took 88 ms f
 reused one took 54 ms. So a large block whose arrays are all gone goes back to a small cache, and the
 next request of the same size takes it instead of fresh memory: a training loop that drops each step's
 gradient gets the previous one's memory back. :func:`set_buffer_cache` bounds what the cache holds
-(1 GiB by default) and empties it.
+(2 GiB by default) and empties it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from . import _validate
 _ALIGNMENT = 64  # a cache line, and an AVX-512 vector
 # Below this an array lives in the malloc heap, where alignment costs more (a slice) than it saves.
 _ALIGN_FROM_BYTES = 1 << 20
-_DEFAULT_CACHE_BYTES = 1 << 30
+_DEFAULT_CACHE_BYTES = 2 << 30
 
 
 class _BlockCache:
@@ -108,7 +108,7 @@ def empty(shape: tuple[int, ...], dtype: np.dtype | type, *, zero: bool = False)
 
 
 def set_buffer_cache(max_bytes: int) -> None:
-    """Bound the memory crossent keeps from freed large outputs for reuse (default 1 GiB).
+    """Bound the memory crossent keeps from freed large outputs for reuse (default 2 GiB).
 
     A gradient (or other output of 1 MiB or more) whose arrays are all gone is kept, up to
     ``max_bytes`` in all (the oldest dropped first), for the next output of the same size: reusing it
