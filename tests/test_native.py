@@ -432,6 +432,13 @@ def test_bfloat16_outputs_keep_their_dtype(rng, fresh_buffer_cache):
         del grad
 
 
+def test_a_block_freed_while_the_cache_is_busy_is_let_go(fresh_buffer_cache):
+    block = _memory.empty((1024, 1024), np.float32)
+    with _memory._cache._lock:  # as when the collector runs a lease's __del__ inside take or resize
+        del block
+    assert _memory.buffer_cache_bytes()[0] == 0
+
+
 def test_the_buffer_cache_keeps_within_its_limit(rng, fresh_buffer_cache):
     y = rng.integers(0, 2048, 256)
     grads = [

@@ -37,7 +37,7 @@ class _BlockCache:
         self.limit = limit
         self.held = 0
         self._blocks: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()  # id -> block
-        self._lock = threading.Lock()  # blocks come back from whichever thread drops the last array
+        self._lock = threading.Lock()  # blocks come back from whichever thread drops their last array
 
     def take(self, nbytes: int) -> np.ndarray | None:
         with self._lock:
@@ -49,7 +49,11 @@ class _BlockCache:
         return None
 
     def put(self, block: np.ndarray) -> None:
-        with self._lock:
+        # Called from a lease's __del__, which the garbage collector may run inside this very lock (an
+        # allocation in take or resize): then, or while another thread holds it, the block is just freed.
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
             if block.nbytes > self.limit:
                 return
             while self.held + block.nbytes > self.limit:
@@ -57,6 +61,8 @@ class _BlockCache:
                 self.held -= oldest.nbytes
             self._blocks[id(block)] = block
             self.held += block.nbytes
+        finally:
+            self._lock.release()
 
     def resize(self, limit: int) -> None:
         with self._lock:
