@@ -8,7 +8,7 @@ gradient of the linear loss (eight 256-row chunks) took 707-811 ms at that offse
 
 Even in huge pages, a fresh block is zeroed by the kernel on first touch, a write of every byte before
 the gradient's own: at 4096x32768 float32, a fresh 512 MiB gradient took 88 ms forward+backward where a
-reused one took 54 ms. So a large block whose arrays are all gone goes back to a small cache, and the
+reused one took 54 ms. So a large block whose arrays are all gone goes back to a bounded cache, and the
 next request of the same size takes it instead of fresh memory: a training loop that drops each step's
 gradient gets the previous one's memory back. :func:`set_buffer_cache` bounds what the cache holds
 (2 GiB by default) and empties it.
