@@ -1,5 +1,7 @@
-"""Vocabulary-parallel cross-entropy on gloo with 2 ranks against one process, 4096 x 32768 float32;
-and the sharded output layer fused with the loss, 2048 x 512 hidden rows against a 32768 x 512 layer.
+"""Benchmark the vocabulary-parallel loss and the sharded fused output layer on gloo against one process.
+
+The loss at 4096 x 32768 float32 on 2 ranks; the sharded output layer fused with the loss, 2048 x 512
+hidden rows against a 32768 x 512 layer.
 
     python benchmarks/distributed.py [--rows 4096] [--vocab 32768] [--hidden 512] [--ranks 2]
 

@@ -1,5 +1,6 @@
-"""Benchmark the fused linear + cross-entropy against the naive loss and torch's chunked one, and the
-drop-in loss under torch.compile against eager torch.
+"""Benchmark the fused linear + cross-entropy and the drop-in loss under torch.compile.
+
+The fused loss against the naive loss and torch's chunked one; the drop-in loss compiled against eager torch.
 
     python benchmarks/linear.py            # N=2048 D=512 V=32768 f32, N=1024 D=256 V=262144 f32,
                                            # N=4096 D=1024 V=131072 bf16
