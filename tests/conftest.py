@@ -60,3 +60,14 @@ def backend(request) -> Backend:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20261122)
+
+
+@pytest.fixture
+def fresh_buffer_cache():
+    """crossent's buffer cache emptied at its default limit, so that what the test frees is all it holds."""
+    from crossent import _memory
+
+    _memory.set_buffer_cache(0)
+    _memory.set_buffer_cache(_memory._DEFAULT_CACHE_BYTES)
+    yield
+    _memory.set_buffer_cache(_memory._DEFAULT_CACHE_BYTES)

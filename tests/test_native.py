@@ -382,14 +382,6 @@ def test_large_outputs_are_cache_line_aligned(rng):
     assert zeros.ctypes.data % 64 == 0 and zeros.shape == (700, 300) and not zeros.any()
 
 
-@pytest.fixture
-def fresh_buffer_cache():
-    crossent.set_buffer_cache(0)  # empty, so that what the test frees is all the cache holds
-    crossent.set_buffer_cache(_memory._DEFAULT_CACHE_BYTES)
-    yield
-    crossent.set_buffer_cache(_memory._DEFAULT_CACHE_BYTES)
-
-
 def _float64_gradient(x, y):
     x64 = x.astype(np.float64)
     p = np.exp(x64 - x64.max(1, keepdims=True))

@@ -216,13 +216,9 @@ def test_the_callers_logits_are_never_written():
     torch.testing.assert_close(x.detach(), before, rtol=0, atol=0)
 
 
-def test_gradients_in_reused_memory_match_torch():
+def test_gradients_in_reused_memory_match_torch(fresh_buffer_cache):
     # 4 MiB gradients (2^20 elements): large enough for crossent's buffer cache, which hands a freed
     # one's memory on, both for the gradient the forward saves and for the one backward returns.
-    from crossent import _memory
-
-    _memory.set_buffer_cache(0)
-    _memory.set_buffer_cache(_memory._DEFAULT_CACHE_BYTES)
     addresses = []
     for seed in range(3):
         x, target = _problem((512, 2048), 1, torch.float32, probability=False, ignore=True, seed=seed)
