@@ -229,7 +229,7 @@ def _grad_buffers(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Zeroed gradients of the input, the weight and the bias; the last two in float32 (float64 for a
     float64 weight), whatever the weight's dtype, since they accumulate over the chunks."""
-    acc = torch.float32 if W.dtype != torch.float64 else torch.float64
+    acc = compute_dtype(W.dtype)
     dx = _buffer(tuple(x.shape), x.dtype, x.device, zero=True)
     dW = _buffer(tuple(W.shape), acc, x.device, zero=True)
     return dx, dW, None if b is None else _buffer((W.shape[0],), acc, x.device, zero=True)
@@ -322,7 +322,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         upstream = None
         if needs and opts.reduction != "none":
             # A scalar upstream gradient: the gradients are computed now and scaled in backward.
-            upstream = scale.to(torch.float32).expand(x.shape[0])
+            upstream = scale.to(compute_dtype(x.dtype)).expand(x.shape[0])
         row_opts = dataclasses.replace(opts, reduction="none", normalizer=None, zero_if_all_ignored=False)
         # The source of each chunk's loss: this process's kernel, or a vocabulary-parallel shard
         # (crossent.torch.distributed), which also all-reduces the input's gradient over the ranks.
@@ -354,7 +354,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             saved = list(ctx.saved_tensors)
             dx, dW = saved[0], saved[1]
             db = saved[2] if ctx.has_bias else None
-            g = grad_loss.to(torch.float32)
+            g = grad_loss.to(dW.dtype)  # float64 for float64 inputs: rounding it to float32 would cost digits
             # In place: a second V x D float32 weight gradient would double the memory this loss adds.
             dx.mul_(g.to(dx.dtype))
             dW.mul_(g)
@@ -366,7 +366,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         b = saved[2] if ctx.has_bias else None
         rest = saved[3:] if ctx.has_bias else saved[2:]
         target, rows = rest[0], rest[1]
-        _, grads = _run_sweep(x, W, b, target, rows, ctx.chunk, grad_loss.to(torch.float32), ctx.chunk_loss)
+        _, grads = _run_sweep(x, W, b, target, rows, ctx.chunk, grad_loss.to(compute_dtype(x.dtype)), ctx.chunk_loss)
         assert grads is not None
         dx, dW, db = grads
         ctx.chunk_loss.reduce_input_grad(dx)
