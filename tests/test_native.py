@@ -102,6 +102,34 @@ def test_kernel_matches_reference(isa, rng, dtype, shape, axis, options):
     assert_matches_reference(case, rng)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "softcap": 200.0}], ids=str)
+def test_rows_whose_maximum_moves_between_chunks_match_torch(isa, rng, dtype, options):
+    # The online pass over 1024-class chunks: rows whose chunks climb by 10 or by 40, fall, start with
+    # a chunk of -inf before a maximum below -88 (its gradient was NaN: the factor of the chunk's
+    # stand-in shift overflowed), or end in an outlier.
+    chunks, width = 5, 1024
+    offsets = np.array(
+        [
+            10.0 * np.arange(chunks),
+            40.0 * np.arange(chunks),
+            -10.0 * np.arange(chunks),
+            [-np.inf, -300.0, -np.inf, -290.0, -310.0],
+            [0.0, 0.0, 0.0, 0.0, 0.0],
+        ]
+    )
+    x = (rng.standard_normal((len(offsets), chunks, width)) + offsets[:, :, None]).reshape(len(offsets), -1)
+    x[-1, -1] = 100.0  # an outlier in the last chunk
+    x = x.astype(dtype)
+    target = rng.integers(width, chunks * width, len(offsets))  # never in the -inf first chunk
+    upstream = rng.standard_normal(len(offsets)).astype(dtype)
+    loss, grad = crossent.cross_entropy_and_grad(x, target, reduction="none", grad_output=upstream, **options)
+    expected = oracle.cross_entropy(x, target, reduction="none", grad_output=upstream, **options)
+    tol = kernel_tolerance(dtype)
+    np.testing.assert_allclose(loss, expected.loss, rtol=tol, atol=tol)
+    np.testing.assert_allclose(grad, expected.grad, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dtype", _dtypes(), ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize(("shape", "axis"), LAYOUTS, ids=str)
 @pytest.mark.parametrize(

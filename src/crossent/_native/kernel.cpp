@@ -644,8 +644,12 @@ void row_gradient(const LossCall& call, const Store<T>* x, const Store<T>* t_row
     const int64_t step = chunk_size(n);
     for (int64_t b = 0, chunk = 0; b < n; b += step, ++chunk) {
         const int64_t e = std::min(n, b + step);
-        // p_c * A = exp(x'_c - shift_k) * exp(shift_k - m) * A / s
-        const C factor = static_cast<C>(std::exp(static_cast<double>(chunk_shift[chunk]) - S.m) * A_over_s);
+        // p_c * A = exp(x'_c - shift_k) * exp(shift_k - m) * A / s. shift_k <= m, except the stand-in
+        // shift 0 of chunks before the first finite logit, whose exponentials are all 0: capping the
+        // exponent at 0 keeps their factor finite (exp(0 - m) overflows for m below -88 in float, and
+        // 0 * inf would be NaN).
+        const double to_max = std::min(static_cast<double>(chunk_shift[chunk]) - S.m, 0.0);
+        const C factor = static_cast<C>(std::exp(to_max) * A_over_s);
         if (t_row) {
 #pragma omp simd
             for (int64_t c = b; c < e; ++c) {
