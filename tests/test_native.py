@@ -105,9 +105,11 @@ def test_kernel_matches_reference(isa, rng, dtype, shape, axis, options):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "softcap": 200.0}], ids=str)
 def test_rows_whose_maximum_moves_between_chunks_match_torch(isa, rng, dtype, options):
-    # The online pass over 1024-class chunks: rows whose chunks climb by 10 or by 40, fall, start with
-    # a chunk of -inf before a maximum below -88 (its gradient was NaN: the factor of the chunk's
-    # stand-in shift overflowed), or end in an outlier.
+    # The online pass over 1024-class chunks takes a chunk's exponentials against the running maximum
+    # when the chunk's own maximum is at most 16 above it, and redoes the chunk otherwise: rows whose
+    # chunks climb by 10 (kept, then rescaled) or by 40 (redone), fall, start with a chunk of -inf
+    # before a maximum below -88 (its gradient was NaN: the factor of the chunk's stand-in shift
+    # overflowed), or end in an outlier.
     chunks, width = 5, 1024
     offsets = np.array(
         [

@@ -4,10 +4,12 @@
 // are plain C++ with `omp simd` hints that the compiler turns into SIMD code for that target.
 //
 // Per row of C logits (classes contiguous) the kernel
-//   1. reads the row once from memory for its maximum m,
-//   2. re-reads it from L2 (a 32k-class float row is 128 KiB) for s = sum_c exp(x_c - m), and the
-//      sums the options need (label smoothing, probability targets),
-//   3. for the gradient, reads it a third time from L2 and writes p_c * A - B_c, p_c = exp(x_c - m) / s,
+//   1. streams the row once from memory, in chunks, for its maximum m and s = sum_c exp(x_c - m) (an
+//      online softmax: see online_row), storing the exponentials in the gradient buffer if one is asked
+//      for, and then the sums the options need (label smoothing, probability targets) from L2 (a 32k-class
+//      float row is 128 KiB),
+//   2. for the gradient, scales the stored exponentials to p_c * A - B_c, p_c = exp(x_c - m) / s, while
+//      they are still in L2,
 // so DRAM sees one read of the logits and one write of the gradient: the memory floor of the problem.
 // Only scalars are kept per row. The (N, C, H, W) layout runs the same steps on tiles of H*W positions,
 // vectorised across positions.
@@ -58,8 +60,9 @@ inline To bits_as(From from) {
 // passes are bound by this latency more than by the FMA units: with this scheme, the shorter fit and
 // vexp's single clamp, the 4096x32768 float forward went from 38.5 to 30.0 ms (AVX2, AMD EPYC, 2 threads).
 //
-// vexp takes only what the kernel passes (a logit minus its row's maximum: x <= 0, or NaN) and spends
-// no instructions on x > 0; vexp_whole_range adds the overflow to inf for the accuracy test.
+// vexp takes only what the kernel passes (a logit minus a running maximum: x <= kExpHeadroom = 16, or
+// NaN) and spends no instructions on overflow; vexp_whole_range adds the overflow to inf for the
+// accuracy test.
 
 struct ExpParts {
     // exp(x) = scale * (1 + em1_r); kept apart so that expm1 avoids cancelling near 0.
@@ -84,14 +87,14 @@ inline ExpParts exp_parts(float x) {
     return {scale, em1_r};
 }
 
-// For x <= 0 or NaN: 0 below -87.33 (flushing what would be subnormal), NaN for NaN.
+// For x up to 88 or NaN: 0 below -87.33 (flushing what would be subnormal), NaN for NaN.
 inline float vexp(float x) {
     const ExpParts e = exp_parts(x);
     const float y = e.scale + e.scale * e.em1_r;
     return x < -87.33654f ? 0.0f : y;
 }
 
-// For x <= 0 or NaN: 0 below -708.39, NaN for NaN.
+// For x up to 709 or NaN: 0 below -708.39, NaN for NaN.
 inline double vexp(double x) {
     const double shifter = 0x1.8p52;
     const double kd = x * 1.4426950408889634074 + shifter;
@@ -544,10 +547,52 @@ constexpr int64_t kLineElements = 64 / static_cast<int64_t>(sizeof(Store<T>));  
 
 inline int64_t chunk_size(int64_t n) { return std::max(kChunk, (n + kMaxChunks - 1) / kMaxChunks); }
 
-// The online pass: the row maximum m and s = sum_c exp(x'_c - m) in one read of the row. Each chunk
-// is shifted by the running maximum when it is reached (recorded in chunk_shift), and the running sum
-// is rescaled by exp(old - new) whenever the maximum grows. With `e_out`, exp(x'_c - shift) is also
-// stored there (the gradient buffer), so the backward pass needs no second exponential.
+// How far above the running maximum a chunk's maximum may lie for the chunk's exponentials against
+// the running maximum to be kept: they are then at most e^16 (no overflow in a 512-term float sum), and
+// a chunk's gradient factor exp(shift - m) underflows float only for probabilities below e^-71, which
+// are 1e-31 and flushed to 0 (vexp already flushes those below e^-87).
+constexpr double kExpHeadroom = 16.0;
+
+// The exponentials exp(x'_c - shift) of classes [b, e), stored to e_out when given; returns their sum
+// (in the compute type) and, with TRACK_MAX, the largest x'_c in `cm`.
+template <class T, bool CAP, bool TRACK_MAX>
+inline Compute<T> chunk_exps(const Store<T>* x, int64_t b, int64_t e, const Consts<Compute<T>>& k, Compute<T> shift,
+                             Compute<T>* e_out, Compute<T>& cm) {
+    using C = Compute<T>;
+    C part = 0;
+    C mx = cm;
+    if (e_out) {
+#pragma omp simd reduction(+ : part) reduction(max : mx)
+        for (int64_t c = b; c < e; ++c) {
+            C t;
+            const C v = load_logit<T, CAP>(x, c, k, t);
+            if constexpr (TRACK_MAX) mx = std::max(mx, v);
+            const C ec = vexp(v - shift);
+            e_out[c] = ec;
+            part += ec;
+        }
+    } else {
+#pragma omp simd reduction(+ : part) reduction(max : mx)
+        for (int64_t c = b; c < e; ++c) {
+            C t;
+            const C v = load_logit<T, CAP>(x, c, k, t);
+            if constexpr (TRACK_MAX) mx = std::max(mx, v);
+            part += vexp(v - shift);
+        }
+    }
+    cm = mx;
+    return part;
+}
+
+// The online pass: the row maximum m and s = sum_c exp(x'_c - m) in one read of the row, the running
+// sum rescaled by exp(old - new) whenever the maximum grows. The first chunk is read for its maximum,
+// then (from L1) for its exponentials. Once the running maximum is finite, each later chunk's
+// exponentials are taken against it in the same loop that finds the chunk's maximum: one loop over
+// the chunk instead of two (4096x32768 float on one AVX2 thread of an AMD EPYC, A/B in one process:
+// forward 0.480 -> 0.438 ns per logit, forward+backward 0.901 -> 0.761). A chunk whose maximum lies more than kExpHeadroom above the
+// running one is redone, from L1, against its own. The shift each chunk's exponentials were taken
+// against is recorded in chunk_shift. With `e_out`, the exponentials are also stored there (the
+// gradient buffer), so the backward pass needs no second exponential.
 template <class T, bool CAP>
 void online_row(const Store<T>* x, int64_t n, const Consts<Compute<T>>& k, Compute<T>* e_out, Compute<T>* chunk_shift,
                 RowSums& S) {
@@ -557,41 +602,38 @@ void online_row(const Store<T>* x, int64_t n, const Consts<Compute<T>>& k, Compu
     C m_true = neg_inf;  // the running maximum (may stay -inf)
     C shift = 0;         // what exponents are taken against: m_true, or 0 while m_true is -inf
     double s = 0.0;
+    // Raise the running maximum to cm (no-op unless larger), rescaling s to the new shift.
+    auto raise_max = [&](C cm) {
+        if (!(cm > m_true)) return;
+        m_true = cm;
+        const C new_shift = m_true == neg_inf ? C(0) : m_true;
+        // s is 0 until a finite maximum appears (the stand-in shift 0 must not be rescaled then:
+        // exp(0 - (-710)) overflows double and 0 * inf is NaN).
+        if (s != 0.0) s *= std::exp(static_cast<double>(shift) - static_cast<double>(new_shift));
+        shift = new_shift;
+    };
     for (int64_t b = 0, chunk = 0; b < n; b += step, ++chunk) {
         const int64_t e = std::min(n, b + step);
+        // Ask for the next chunk now: its lines arrive while this chunk's exponentials are computed.
+        for (int64_t c = e; c < std::min(n, e + step); c += kLineElements<T>) __builtin_prefetch(x + c);
+        if (m_true != neg_inf) {
+            C cm = neg_inf;
+            const C part = chunk_exps<T, CAP, true>(x, b, e, k, shift, e_out, cm);
+            if (cm <= shift + static_cast<C>(kExpHeadroom)) {  // false for NaN: redone below
+                chunk_shift[chunk] = shift;
+                s += static_cast<double>(part);
+                raise_max(cm);
+                continue;
+            }
+        }
         C cm = neg_inf;
 #pragma omp simd reduction(max : cm)
         for (int64_t c = b; c < e; ++c) cm = std::max(cm, Elem<T>::load(x[c]));
-        if constexpr (CAP) cm = k.cap * vtanh(cm * k.inv_cap);
-        if (cm > m_true) {
-            m_true = std::max(m_true, cm);
-            const C new_shift = m_true == neg_inf ? C(0) : m_true;
-            // s is 0 until a finite maximum appears (the stand-in shift 0 must not be rescaled then:
-            // exp(0 - (-710)) overflows double and 0 * inf is NaN).
-            if (s != 0.0) s *= std::exp(static_cast<double>(shift) - static_cast<double>(new_shift));
-            shift = new_shift;
-        }
+        if constexpr (CAP) cm = k.cap * vtanh(cm * k.inv_cap);  // tanh is increasing: cap the maximum
+        raise_max(cm);
         chunk_shift[chunk] = shift;
-        // Ask for the next chunk now: its lines arrive while this chunk's exponentials are computed,
-        // so that the maximum pass over it reads cache instead of waiting on DRAM.
-        for (int64_t c = e; c < std::min(n, e + step); c += kLineElements<T>) __builtin_prefetch(x + c);
-        C part = 0;
-        if (e_out) {
-#pragma omp simd reduction(+ : part)
-            for (int64_t c = b; c < e; ++c) {
-                C t;
-                const C ec = vexp(load_logit<T, CAP>(x, c, k, t) - shift);
-                e_out[c] = ec;
-                part += ec;
-            }
-        } else {
-#pragma omp simd reduction(+ : part)
-            for (int64_t c = b; c < e; ++c) {
-                C t;
-                part += vexp(load_logit<T, CAP>(x, c, k, t) - shift);
-            }
-        }
-        s += static_cast<double>(part);
+        C unused = neg_inf;
+        s += static_cast<double>(chunk_exps<T, CAP, false>(x, b, e, k, shift, e_out, unused));
     }
     S.m = shift;
     S.s_sum = s;
@@ -661,6 +703,11 @@ void row_gradient(const LossCall& call, const Store<T>* x, const Store<T>* t_row
                 if constexpr (CAP) gc *= (C(1) - t) * (C(1) + t);
                 grad[c] = Elem<T>::store(gc);
             }
+        } else if (B == C(0) && !CAP) {
+            // Without label smoothing only the one-hot is subtracted (below): a plain scaling, which
+            // saves streaming the class weights through the loop.
+#pragma omp simd
+            for (int64_t c = b; c < e; ++c) grad[c] = Elem<T>::store(exps[c] * factor);
         } else {
 #pragma omp simd
             for (int64_t c = b; c < e; ++c) {
