@@ -4,6 +4,8 @@ Variants, each in a process of its own so that its peak resident memory is its o
   naive          logits = x @ W.T, then F.cross_entropy (the N x V logits are materialised)
   torch-chunked  torch's F.linear_cross_entropy with LinearCrossEntropyOptions() (its chunked path)
   crossent       crossent.torch.linear_cross_entropy
+  crossent-64    the same in 64-row chunks (by default 24 MiB of logits: 192 rows at V=32768): less
+                 memory, more time
   naive+ct       logits = x @ W.T, then crossent.torch.cross_entropy
   naive+ct-inpl  the same with inplace_backward=True (the gradient overwrites the logits)
 "Extra peak" is the peak RSS (VmHWM) during one forward+backward minus the RSS once the inputs exist.
@@ -36,7 +38,7 @@ LINEAR_CASES = [
     LinearCase("N=4096 D=1024 V=131072 bf16", 4096, 1024, 131072, "bfloat16", 1),
 ]
 QUICK_LINEAR_CASES = [LinearCase("N=1024 D=256 V=16384 f32", 1024, 256, 16384, "float32", 2)]
-VARIANTS = ("naive", "torch-chunked", "crossent", "naive+ct", "naive+ct-inpl")
+VARIANTS = ("naive", "torch-chunked", "crossent", "crossent-64", "naive+ct", "naive+ct-inpl")
 
 
 def _child(variant: str, n: int, d: int, v: int, dtype_name: str, repeats: int) -> dict[str, Any]:
@@ -68,11 +70,13 @@ def _child(variant: str, n: int, d: int, v: int, dtype_name: str, repeats: int) 
 
         def loss_fn() -> Any:
             return F.linear_cross_entropy(x, W, y, ignore_index=-100, options=options)
-    elif variant == "crossent":
+    elif variant in ("crossent", "crossent-64"):
         import crossent.torch as ct
 
+        chunk_size = 64 if variant == "crossent-64" else None
+
         def loss_fn() -> Any:
-            return ct.linear_cross_entropy(x, W, y)
+            return ct.linear_cross_entropy(x, W, y, chunk_size=chunk_size)
     else:
         import crossent.torch as ct
 
