@@ -587,12 +587,12 @@ inline Compute<T> chunk_exps(const Store<T>* x, int64_t b, int64_t e, const Cons
 // The online pass: the row maximum m and s = sum_c exp(x'_c - m) in one read of the row, the running
 // sum rescaled by exp(old - new) whenever the maximum grows. The first chunk is read for its maximum,
 // then (from L1) for its exponentials. Once the running maximum is finite, each later chunk's
-// exponentials are taken against it in the same loop that finds the chunk's maximum: one loop over
-// the chunk instead of two (4096x32768 float on one AVX2 thread of an AMD EPYC, A/B in one process:
-// forward 0.480 -> 0.438 ns per logit, forward+backward 0.901 -> 0.761). A chunk whose maximum lies more than kExpHeadroom above the
-// running one is redone, from L1, against its own. The shift each chunk's exponentials were taken
-// against is recorded in chunk_shift. With `e_out`, the exponentials are also stored there (the
-// gradient buffer), so the backward pass needs no second exponential.
+// exponentials are taken against it in the same loop that finds the chunk's maximum: one loop over the
+// chunk instead of two (4096x32768 float on one AVX2 thread of an AMD EPYC, A/B in one process: forward
+// 0.480 -> 0.438 ns per logit, forward+backward 0.901 -> 0.761). A chunk whose maximum lies more than
+// kExpHeadroom above the running one is redone, from L1, against its own. The shift each chunk's
+// exponentials were taken against is recorded in chunk_shift. With `e_out`, the exponentials are also
+// stored there (the gradient buffer), so the backward pass needs no second exponential.
 template <class T, bool CAP>
 void online_row(const Store<T>* x, int64_t n, const Consts<Compute<T>>& k, Compute<T>* e_out, Compute<T>* chunk_shift,
                 RowSums& S) {
