@@ -685,7 +685,7 @@ inline void stream_scaled(const float* src, float factor, float* dst, int64_t n)
 // without label smoothing, soft cap or probability targets (the plain loss), it is written with
 // non-temporal stores: 4096x32768 forward+backward with out=, A/B in one process on two threads, 0.532
 // -> 0.446 ns per logit (one thread: 0.824 -> 0.734). They were no faster when the online pass had two
-// loops per chunk and the exponentials went to the gradient buffer itself.
+// loops per chunk.
 template <class T, bool CAP>
 void row_gradient(const LossCall& call, const Store<T>* x, const Store<T>* t_row, const Compute<T>* w, const Consts<Compute<T>>& k,
                   const RowSums& S, const RowTerms& R, const Compute<T>* chunk_shift, const Compute<T>* exps,
