@@ -669,28 +669,37 @@ void option_sums(const Store<T>* x, const Store<T>* t_row, const Compute<T>* w, 
 // dst[i] = src[i] * factor, written with non-temporal stores where the target has them (AVX): the lines
 // go to memory without first being read from it, as an ordinary store's read for ownership would.
 // Callers issue _mm_sfence before other threads may read dst.
-inline void stream_scaled(const float* src, float factor, float* dst, int64_t n) {
+template <class C>
+inline void stream_scaled(const C* src, C factor, C* dst, int64_t n) {
     int64_t i = 0;
 #if defined(__AVX__)
     for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31) != 0; ++i) dst[i] = src[i] * factor;
-    const __m256 f = _mm256_set1_ps(factor);
-    for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_mul_ps(_mm256_loadu_ps(src + i), f));
+    if constexpr (std::is_same<C, float>::value) {
+        const __m256 f = _mm256_set1_ps(factor);
+        for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_mul_ps(_mm256_loadu_ps(src + i), f));
+    } else {
+        const __m256d f = _mm256_set1_pd(factor);
+        for (; i + 4 <= n; i += 4) _mm256_stream_pd(dst + i, _mm256_mul_pd(_mm256_loadu_pd(src + i), f));
+    }
 #endif
     for (; i < n; ++i) dst[i] = src[i] * factor;
 }
 
 // grad_c = p_c * A - B * w_c [* t'_c], times (1 - tanh^2) under the soft cap, with p_c = exp(x'_c - m) / s.
 // The exponentials exp(x'_c - shift) are in `exps`, a row of the thread's own (in L2) where online_row
-// stored them against each chunk's shift; the gradient row is written once, from them. For float
-// without label smoothing, soft cap or probability targets (the plain loss), it is written with
-// non-temporal stores: 4096x32768 forward+backward with out=, A/B in one process on two threads, 0.532
-// -> 0.446 ns per logit (one thread: 0.824 -> 0.734). They were no faster when the online pass had two
-// loops per chunk.
+// stored them against each chunk's shift; the gradient row is written once, from them. For float and
+// double, each chunk's gradient is computed over its exponentials, in place, and then streamed to
+// `grad` with non-temporal stores (4096x32768 float forward+backward with out=, A/B in one process:
+// 0.532 -> 0.446 ns per logit on two threads, 0.824 -> 0.734 on one, for the plain loss; they were no
+// faster when the online pass had two loops per chunk). Half types store through their conversion.
 template <class T, bool CAP>
 void row_gradient(const LossCall& call, const Store<T>* x, const Store<T>* t_row, const Compute<T>* w, const Consts<Compute<T>>& k,
-                  const RowSums& S, const RowTerms& R, const Compute<T>* chunk_shift, const Compute<T>* exps,
+                  const RowSums& S, const RowTerms& R, const Compute<T>* chunk_shift, Compute<T>* exps,
                   Store<T>* grad) {
     using C = Compute<T>;
+    constexpr bool stream = std::is_same<T, C>::value;
+    Store<T>* dst = grad;  // where the loops below write: the exponentials themselves when streamed
+    if constexpr (stream) dst = exps;
     const int64_t n = call.layout.classes;
     if (!R.valid) {
         const Store<T> zero = Elem<T>::store(C(0));
@@ -720,13 +729,14 @@ void row_gradient(const LossCall& call, const Store<T>* x, const Store<T>* t_row
                 const C target = (C(1) - eps) * Elem<T>::load(t_row[c]) + uniform;
                 C gc = ec * factor - B * w[c] * target;
                 if constexpr (CAP) gc *= (C(1) - t) * (C(1) + t);
-                grad[c] = Elem<T>::store(gc);
+                dst[c] = Elem<T>::store(gc);
             }
         } else if (B == C(0) && !CAP) {
             // Without label smoothing only the one-hot is subtracted (below): a plain scaling, which
             // saves streaming the class weights through the loop.
-            if constexpr (std::is_same<T, float>::value) {
+            if constexpr (stream) {
                 stream_scaled(exps + b, factor, grad + b, e - b);
+                continue;
             } else {
 #pragma omp simd
                 for (int64_t c = b; c < e; ++c) grad[c] = Elem<T>::store(exps[c] * factor);
@@ -739,9 +749,10 @@ void row_gradient(const LossCall& call, const Store<T>* x, const Store<T>* t_row
                 if constexpr (CAP) t = vtanh(Elem<T>::load(x[c]) * k.inv_cap);
                 C gc = ec * factor - B * w[c];
                 if constexpr (CAP) gc *= (C(1) - t) * (C(1) + t);
-                grad[c] = Elem<T>::store(gc);
+                dst[c] = Elem<T>::store(gc);
             }
         }
+        if constexpr (stream) stream_scaled(exps + b, C(1), grad + b, e - b);
     }
     if (t_row) return;
     // The 1 of the one-hot, subtracted at the target class only, from a freshly computed p_y.
