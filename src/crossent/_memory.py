@@ -56,9 +56,7 @@ class _BlockCache:
         try:
             if block.nbytes > self.limit:
                 return
-            while self.held + block.nbytes > self.limit:
-                _, oldest = self._blocks.popitem(last=False)
-                self.held -= oldest.nbytes
+            self._evict_to(self.limit - block.nbytes)
             self._blocks[id(block)] = block
             self.held += block.nbytes
         finally:
@@ -67,9 +65,13 @@ class _BlockCache:
     def resize(self, limit: int) -> None:
         with self._lock:
             self.limit = limit
-            while self.held > limit:
-                _, oldest = self._blocks.popitem(last=False)
-                self.held -= oldest.nbytes
+            self._evict_to(limit)
+
+    def _evict_to(self, budget: int) -> None:
+        """Drop the oldest blocks until at most ``budget`` bytes are held (under the lock)."""
+        while self.held > budget:
+            _, oldest = self._blocks.popitem(last=False)
+            self.held -= oldest.nbytes
 
 
 _cache = _BlockCache(_DEFAULT_CACHE_BYTES)
