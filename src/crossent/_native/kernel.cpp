@@ -320,7 +320,8 @@ inline void class_indices(const LossCall& call, int64_t r0, int64_t n, int64_t* 
 
 // What `mean` divides by: the normalizer, the row count (probabilities), or the summed target weights.
 // Summed over fixed blocks of rows in parallel, then the blocks in order: the same for any thread count
-// (a serial pass over the 524288 targets of 8x21x256x256 took a tenth of the forward).
+// (a serial pass over the 524288 targets of 8x21x256x256 took a tenth of the forward). Without class
+// weights it is a count of the rows not ignored, in a loop that vectorises.
 template <class C>
 double mean_denominator(const LossCall& call) {
     const Layout& L = call.layout;
@@ -328,6 +329,8 @@ double mean_denominator(const LossCall& call) {
     if (call.normalizer > 0) return call.normalizer;
     if (call.target_kind == TargetKind::probability) return static_cast<double>(rows);
     const C* w = static_cast<const C*>(call.weight);
+    const int64_t ignore = call.ignore_index;
+    const uint64_t classes = static_cast<uint64_t>(L.classes);
     constexpr int64_t kBlock = 4096;
     const int64_t blocks = (rows + kBlock - 1) / kBlock;
     std::vector<double> partial(static_cast<size_t>(blocks), 0.0);
@@ -337,12 +340,20 @@ double mean_denominator(const LossCall& call) {
         int64_t y[kBlock];
         const int64_t r0 = b * kBlock, n = std::min(kBlock, rows - r0);
         class_indices(call, r0, n, y);
-        double total = 0.0;
-        for (int64_t i = 0; i < n; ++i) {
-            if (y[i] == call.ignore_index || y[i] < 0 || y[i] >= L.classes) continue;
-            total += w ? static_cast<double>(w[y[i]]) : 1.0;
+        // Counted: not ignore_index and within [0, classes) (one unsigned compare for both bounds).
+        if (w == nullptr) {
+            int64_t count = 0;
+#pragma omp simd reduction(+ : count)
+            for (int64_t i = 0; i < n; ++i) count += (y[i] != ignore && static_cast<uint64_t>(y[i]) < classes) ? 1 : 0;
+            partial[static_cast<size_t>(b)] = static_cast<double>(count);
+        } else {
+            double lane[4] = {0.0, 0.0, 0.0, 0.0};  // four interleaved sums: a fixed order, no serial chain
+            for (int64_t i = 0; i < n; ++i) {
+                const bool counted = y[i] != ignore && static_cast<uint64_t>(y[i]) < classes;
+                lane[i % 4] += counted ? static_cast<double>(w[counted ? y[i] : 0]) : 0.0;
+            }
+            partial[static_cast<size_t>(b)] = (lane[0] + lane[1]) + (lane[2] + lane[3]);
         }
-        partial[static_cast<size_t>(b)] = total;
     }
     double total = 0.0;
     for (const double p : partial) total += p;
@@ -875,6 +886,9 @@ double cross_entropy_tiles(const LossCall& call) {
 
     const double denom = P.denom;
     const double g_scalar = P.g_scalar;
+    const bool weighted = call.weight != nullptr;
+    const int64_t ignore = call.ignore_index;
+    const uint64_t classes = static_cast<uint64_t>(n);
 
     // In place (see cross_entropy_rows): a tile of contiguous rows is copied first; strided positions
     // would need a gather of the whole tile, so that layout refuses it.
@@ -911,20 +925,28 @@ double cross_entropy_tiles(const LossCall& call) {
         } else {
             class_indices(call, o * inner + i0, len, y64);
         }
-        // Per-position state, in loops without branches that vectorise.
+        // Per-position state, in loops without branches that vectorise. Counted: not ignore_index and
+        // within [0, n) (one unsigned compare for both bounds); without class weights w_y is 1.
 #pragma omp simd
         for (int64_t l = 0; l < len; ++l) {
             m[l] = -std::numeric_limits<C>::infinity();
             s_sum[l] = wx[l] = wtx[l] = wt[l] = 0.0;
             x_target[l] = 0;
             const int64_t yl = y64[l];
-            const bool counted = yl != call.ignore_index && yl >= 0 && yl < n;
+            const bool counted = yl != ignore && static_cast<uint64_t>(yl) < classes;
             y[l] = counted && !probability ? static_cast<int32_t>(yl) : -1;
             keep_c[l] = counted || probability ? C(1) : C(0);
+            wy[l] = y[l] < 0 ? 0.0 : 1.0;
         }
-        for (int64_t l = 0; l < len; ++l) wy[l] = y[l] < 0 ? 0.0 : static_cast<double>(w[y[l]]);
+        if (weighted) {
+            for (int64_t l = 0; l < len; ++l) wy[l] = y[l] < 0 ? 0.0 : static_cast<double>(w[y[l]]);
+        }
         const int64_t row0 = o * inner + i0;
-        for (int64_t l = 0; l < len; ++l) g[l] = grad_rows ? static_cast<double>(grad_rows[row0 + l]) : g_scalar;
+        if (grad_rows) {
+            for (int64_t l = 0; l < len; ++l) g[l] = static_cast<double>(grad_rows[row0 + l]);
+        } else {
+            std::fill(g, g + len, g_scalar);
+        }
         // The next tile's classes are n streams at stride `inner`, more than the hardware prefetcher
         // follows: ask for their lines while this tile is computed, a class at a time in the pass
         // below, so that the misses in flight stay within what the core can track.
