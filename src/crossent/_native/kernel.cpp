@@ -912,12 +912,11 @@ double cross_entropy_tiles(const LossCall& call) {
             xo = tile_copy.data();
         }
         const Store<T>* to = targets ? targets + o * n * inner + i0 * ps : nullptr;
-        C m[kTile], part[kTile], A[kTile], B[kTile], fix_c[kTile], keep_c[kTile], x_target[kTile];
+        C m[kTile], part[kTile], A[kTile], B[kTile], fix_c[kTile], keep_c[kTile];
         double s_sum[kTile], wx[kTile], wtx[kTile], wt[kTile];
         double wy[kTile], xy[kTile], g[kTile], loss[kTile], Ad[kTile], Bd[kTile], fix[kTile];
-        // The target class per position, or -1 (ignored, or probability targets): the passes over the
-        // classes below pick the target's logit and subtract the one-hot with a vector compare and
-        // select instead of a scalar gather per position.
+        // The target class per position, or -1 (ignored, or probability targets): the gradient pass
+        // subtracts the one-hot with a vector compare and select instead of a scalar store per position.
         int32_t y[kTile];
         int64_t y64[kTile];
         if (probability) {
@@ -931,7 +930,6 @@ double cross_entropy_tiles(const LossCall& call) {
         for (int64_t l = 0; l < len; ++l) {
             m[l] = -std::numeric_limits<C>::infinity();
             s_sum[l] = wx[l] = wtx[l] = wt[l] = 0.0;
-            x_target[l] = 0;
             const int64_t yl = y64[l];
             const bool counted = yl != ignore && static_cast<uint64_t>(yl) < classes;
             y[l] = counted && !probability ? static_cast<int32_t>(yl) : -1;
@@ -949,35 +947,44 @@ double cross_entropy_tiles(const LossCall& call) {
         }
         // The next tile's classes are n streams at stride `inner`, more than the hardware prefetcher
         // follows: ask for their lines while this tile is computed, a class at a time in the pass
-        // below, so that the misses in flight stay within what the core can track.
+        // below, so that the misses in flight stay within what the core can track. A whole next tile
+        // (the usual case) takes a loop of constant length, which compiles to the prefetches alone.
         const int64_t next_end = !SMALL_ROWS && i0 + kTile < inner ? std::min(2 * kTile, inner - i0) : 0;
         for (int64_t c = 0; c < n; ++c) {
             const Store<T>* xc = xo + c * cs;
-            for (int64_t l = kTile; l < next_end; l += kLineElements<T>) __builtin_prefetch(xc + l);
-            const int32_t c32 = static_cast<int32_t>(c);
-#pragma omp simd
-            for (int64_t l = 0; l < len; ++l) {
-                const C v = Elem<T>::load(xc[l * ps]);
-                m[l] = std::max(m[l], v);
-                x_target[l] = y[l] == c32 ? v : x_target[l];
+            if (next_end == 2 * kTile) {
+                for (int64_t l = kTile; l < 2 * kTile; l += kLineElements<T>) __builtin_prefetch(xc + l);
+            } else {
+                for (int64_t l = kTile; l < next_end; l += kLineElements<T>) __builtin_prefetch(xc + l);
             }
+#pragma omp simd
+            for (int64_t l = 0; l < len; ++l) m[l] = std::max(m[l], Elem<T>::load(xc[l * ps]));
         }
+        // The target's logit, one load per position: cheaper than a compare and select per logit above.
+        C x_target[kTile];
         for (int64_t l = 0; l < len; ++l) {
             C t;
-            C xt = x_target[l];
-            if (CAP) {
-                m[l] = k.cap * vtanh(m[l] * k.inv_cap);
-                xt = load_logit<T, CAP>(&xo[y[l] < 0 ? 0 : static_cast<int64_t>(y[l]) * cs + l * ps], 0, k, t);
-            }
-            if (m[l] == -std::numeric_limits<C>::infinity()) m[l] = 0;
-            xy[l] = y[l] < 0 ? 0.0 : static_cast<double>(xt - m[l]);
+            const C xt = load_logit<T, CAP>(xo, static_cast<int64_t>(std::max(y[l], 0)) * cs + l * ps, k, t);
+            x_target[l] = y[l] < 0 ? C(0) : xt;  // a select: no branch on the target
+        }
+#pragma omp simd
+        for (int64_t l = 0; l < len; ++l) {
+            if constexpr (CAP) m[l] = k.cap * vtanh(m[l] * k.inv_cap);  // tanh is increasing: cap the maximum
+            m[l] = m[l] == -std::numeric_limits<C>::infinity() ? C(0) : m[l];
+            xy[l] = y[l] < 0 ? 0.0 : static_cast<double>(x_target[l] - m[l]);
         }
         // One blocked sum per statistic, as in the contiguous layout, vectorised across positions.
         auto tile_sum = [&](double* out, auto term) {
             for (int64_t b = 0; b < n; b += kSumBlock) {
                 const int64_t e = std::min(n, b + kSumBlock);
                 for (int64_t l = 0; l < len; ++l) part[l] = 0;
-                for (int64_t c = b; c < e; ++c) {
+                // Two classes per pass over the positions: half the loads and stores of part.
+                int64_t c = b;
+                for (; c + 1 < e; c += 2) {
+#pragma omp simd
+                    for (int64_t l = 0; l < len; ++l) part[l] += term(c, l) + term(c + 1, l);
+                }
+                if (c < e) {
 #pragma omp simd
                     for (int64_t l = 0; l < len; ++l) part[l] += term(c, l);
                 }
