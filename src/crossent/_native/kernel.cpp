@@ -1066,16 +1066,26 @@ double cross_entropy_tiles(const LossCall& call) {
                 }
             } else {
                 const int32_t c32 = static_cast<int32_t>(c);
+                // B is 0 without label smoothing: a loop without it saves streaming B through.
+                auto class_gradient = [&](auto smoothing) {
 #pragma omp simd
-                for (int64_t l = 0; l < len; ++l) {
-                    C t = 0;
-                    const C xv = load_logit<T, CAP>(xc, l * ps, k, t);
-                    // p * A - B * w_c, minus (1 - eps) w_y g at the target class: the one-hot's 1.
-                    const C e = stored ? Elem<T>::load(gc_out[l * ps]) : vexp(xv - m[l]);
-                    C gc = e * A[l] - B[l] * wc - (y[l] == c32 ? fix_c[l] : C(0));
-                    if constexpr (CAP) gc *= (C(1) - t) * (C(1) + t);
-                    // A select, not a multiply: an ignored position may hold NaN (all -inf logits).
-                    gc_out[l * ps] = Elem<T>::store(keep_c[l] != C(0) ? gc : C(0));
+                    for (int64_t l = 0; l < len; ++l) {
+                        C t = 0;
+                        const C xv = load_logit<T, CAP>(xc, l * ps, k, t);
+                        // p * A - B * w_c, minus (1 - eps) w_y g at the target class: the one-hot's 1.
+                        const C e = stored ? Elem<T>::load(gc_out[l * ps]) : vexp(xv - m[l]);
+                        C gc = e * A[l];
+                        if constexpr (decltype(smoothing)::value) gc -= B[l] * wc;
+                        gc -= y[l] == c32 ? fix_c[l] : C(0);
+                        if constexpr (CAP) gc *= (C(1) - t) * (C(1) + t);
+                        // A select, not a multiply: an ignored position may hold NaN (all -inf logits).
+                        gc_out[l * ps] = Elem<T>::store(keep_c[l] != C(0) ? gc : C(0));
+                    }
+                };
+                if (need_wx) {
+                    class_gradient(std::true_type{});
+                } else {
+                    class_gradient(std::false_type{});
                 }
             }
         }
