@@ -233,6 +233,23 @@ NB_MODULE(_crossent_native, m) {
             g_kernels.exp_f64(in.data(), out.data(), static_cast<int64_t>(in.size()), g_threads);
         },
         nb::arg("x"), nb::arg("out"), "The kernel's vectorised float64 exp, for accuracy tests.");
+    m.def(
+        "log",
+        [](nb::ndarray<float, nb::device::cpu, nb::c_contig> in, nb::ndarray<float, nb::device::cpu, nb::c_contig> out) {
+            require_size(out, elements(in), "out");
+            nb::gil_scoped_release release;
+            g_kernels.log_f32(in.data(), out.data(), static_cast<int64_t>(in.size()), g_threads);
+        },
+        nb::arg("x"), nb::arg("out"), "The kernel's vectorised float32 log, for accuracy tests.");
+    m.def(
+        "log",
+        [](nb::ndarray<double, nb::device::cpu, nb::c_contig> in,
+           nb::ndarray<double, nb::device::cpu, nb::c_contig> out) {
+            require_size(out, elements(in), "out");
+            nb::gil_scoped_release release;
+            g_kernels.log_f64(in.data(), out.data(), static_cast<int64_t>(in.size()), g_threads);
+        },
+        nb::arg("x"), nb::arg("out"), "The kernel's vectorised float64 log, for accuracy tests.");
 
     m.def(
         "plain_cross_entropy",

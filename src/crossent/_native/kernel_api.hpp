@@ -60,9 +60,11 @@ struct Kernels {
     double (*cross_entropy)(const LossCall&);
     double (*nll_loss)(const LossCall&);
     void (*softmax)(const SoftmaxCall&);
-    // The vectorised exponential itself, exposed so that its accuracy can be tested.
+    // The vectorised exponential and logarithm themselves, exposed so that their accuracy can be tested.
     void (*exp_f32)(const float*, float*, int64_t, int);
     void (*exp_f64)(const double*, double*, int64_t, int);
+    void (*log_f32)(const float*, float*, int64_t, int);
+    void (*log_f64)(const double*, double*, int64_t, int);
 };
 
 Kernels kernels_baseline();
