@@ -444,8 +444,9 @@ inline void loss_terms(const TermConsts k, R m, R s, R xy, R wx, R wtx, R wt, R 
 // loss_terms for a tile of positions, vectorised across them (in a function of its own, over restrict
 // pointers, so that the compiler sees no aliasing between the tile's arrays), in the compute type R:
 // float tiles take 8 positions per AVX2 vector where double took 4 (2x21x256x256 float forward+backward,
-// one thread, callgrind: 2.64M -> 1.30M instructions here). Ignored positions (keep == 0) get exactly 0 through selects, since they
-// may hold NaN (all -inf logits); 1 / s is folded into A for the gradient loop.
+// one thread, callgrind: 2.64M -> 1.30M instructions here). Ignored positions (keep == 0) get exactly 0
+// through selects, since they may hold NaN (all -inf logits); 1 / s is folded into A for the gradient
+// loop.
 template <bool PROBABILITY, class R>
 void finalize_positions(const TermConsts k, int64_t len, const R* __restrict m, const R* __restrict s,
                         const R* __restrict xy, const R* __restrict wx, const R* __restrict wtx,
