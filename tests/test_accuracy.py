@@ -32,11 +32,16 @@ def test_float32_mean_is_no_less_accurate_than_torch(shape, scale):
     assert ours <= max(theirs, _half_ulp(exact)), f"crossent error {ours:.3g} > torch error {theirs:.3g}"
 
 
-@pytest.mark.parametrize(("shape", "scale"), [((2048, 32000), 4.0), ((8192, 100), 20.0)], ids=str)
+@pytest.mark.parametrize(
+    ("shape", "scale"),
+    # Rows, and (N, C, H, W) pixels (the kernel's tiles, whose per-pixel terms are in float for float).
+    [((2048, 32000), 4.0), ((8192, 100), 20.0), ((16, 21, 64, 64), 4.0), ((4, 150, 32, 32), 8.0)],
+    ids=str,
+)
 def test_float32_per_row_losses_are_no_less_accurate_than_torch(shape, scale):
     rng = np.random.default_rng(11)
     x = (scale * rng.standard_normal(shape)).astype(np.float32)
-    y = rng.integers(0, shape[1], size=shape[0])
+    y = rng.integers(0, shape[1], size=shape[:1] + shape[2:])
     exact = oracle.cross_entropy(x, y, reduction="none", want_grad=False).loss
     ours = np.asarray(crossent.cross_entropy(x, y, reduction="none"), np.float64) - exact
     theirs = F.cross_entropy(torch.from_numpy(x), torch.from_numpy(y), reduction="none").double().numpy() - exact
