@@ -157,6 +157,21 @@ bool class_indices_valid(const Array& target, int target_kind, int64_t classes, 
     }
 }
 
+// Binds name(x, out) for arrays of V to one of the kernel's elementwise functions (its own exp and log,
+// exposed for their accuracy tests), looked up in g_kernels at each call so that select_isa applies.
+template <class V>
+void def_elementwise(nb::module_& m, const char* name, void (*Kernels::*fn)(const V*, V*, int64_t, int)) {
+    using Vector = nb::ndarray<V, nb::device::cpu, nb::c_contig>;
+    m.def(
+        name,
+        [fn](Vector in, Vector out) {
+            require_size(out, elements(in), "out");
+            nb::gil_scoped_release release;
+            (g_kernels.*fn)(in.data(), out.data(), static_cast<int64_t>(in.size()), g_threads);
+        },
+        nb::arg("x"), nb::arg("out"), "The kernel's own vectorised function of that name, for accuracy tests.");
+}
+
 }  // namespace
 
 NB_MODULE(_crossent_native, m) {
@@ -216,40 +231,10 @@ NB_MODULE(_crossent_native, m) {
         nb::arg("x"), nb::arg("out"), nb::arg("dtype"), nb::arg("outer"), nb::arg("classes"), nb::arg("inner"),
         nb::arg("op"));
 
-    m.def(
-        "exp",
-        [](nb::ndarray<float, nb::device::cpu, nb::c_contig> in, nb::ndarray<float, nb::device::cpu, nb::c_contig> out) {
-            require_size(out, elements(in), "out");
-            nb::gil_scoped_release release;
-            g_kernels.exp_f32(in.data(), out.data(), static_cast<int64_t>(in.size()), g_threads);
-        },
-        nb::arg("x"), nb::arg("out"), "The kernel's vectorised float32 exp, for accuracy tests.");
-    m.def(
-        "exp",
-        [](nb::ndarray<double, nb::device::cpu, nb::c_contig> in,
-           nb::ndarray<double, nb::device::cpu, nb::c_contig> out) {
-            require_size(out, elements(in), "out");
-            nb::gil_scoped_release release;
-            g_kernels.exp_f64(in.data(), out.data(), static_cast<int64_t>(in.size()), g_threads);
-        },
-        nb::arg("x"), nb::arg("out"), "The kernel's vectorised float64 exp, for accuracy tests.");
-    m.def(
-        "log",
-        [](nb::ndarray<float, nb::device::cpu, nb::c_contig> in, nb::ndarray<float, nb::device::cpu, nb::c_contig> out) {
-            require_size(out, elements(in), "out");
-            nb::gil_scoped_release release;
-            g_kernels.log_f32(in.data(), out.data(), static_cast<int64_t>(in.size()), g_threads);
-        },
-        nb::arg("x"), nb::arg("out"), "The kernel's vectorised float32 log, for accuracy tests.");
-    m.def(
-        "log",
-        [](nb::ndarray<double, nb::device::cpu, nb::c_contig> in,
-           nb::ndarray<double, nb::device::cpu, nb::c_contig> out) {
-            require_size(out, elements(in), "out");
-            nb::gil_scoped_release release;
-            g_kernels.log_f64(in.data(), out.data(), static_cast<int64_t>(in.size()), g_threads);
-        },
-        nb::arg("x"), nb::arg("out"), "The kernel's vectorised float64 log, for accuracy tests.");
+    def_elementwise<float>(m, "exp", &Kernels::exp_f32);
+    def_elementwise<double>(m, "exp", &Kernels::exp_f64);
+    def_elementwise<float>(m, "log", &Kernels::log_f32);
+    def_elementwise<double>(m, "log", &Kernels::log_f64);
 
     m.def(
         "plain_cross_entropy",
