@@ -941,7 +941,9 @@ double cross_entropy_tiles(const LossCall& call) {
         }
         const Store<T>* to = targets ? targets + o * n * inner + i0 * ps : nullptr;
         C m[kTile], part[kTile], A[kTile], B[kTile], fix_c[kTile], keep_c[kTile];
-        double s_sum[kTile], wx[kTile], wtx[kTile], wt[kTile];
+        // The sums per position, each added up over the classes (see tile_sum); the options' sums are 0
+        // when unused.
+        C s_sum[kTile], wx[kTile], wtx[kTile], wt[kTile];
         // What the per-position finalisation reads and writes, in the compute type (see finalize_positions).
         C wy[kTile], xy[kTile], g[kTile], loss[kTile];
         // The target class per position, or -1 (ignored, or probability targets): the gradient pass
@@ -958,7 +960,6 @@ double cross_entropy_tiles(const LossCall& call) {
 #pragma omp simd
         for (int64_t l = 0; l < len; ++l) {
             m[l] = -std::numeric_limits<C>::infinity();
-            s_sum[l] = wx[l] = wtx[l] = wt[l] = 0.0;
             const int64_t yl = y64[l];
             const bool counted = yl != ignore && static_cast<uint64_t>(yl) < classes;
             y[l] = counted && !probability ? static_cast<int32_t>(yl) : -1;
@@ -1002,24 +1003,32 @@ double cross_entropy_tiles(const LossCall& call) {
             m[l] = m[l] == -std::numeric_limits<C>::infinity() ? C(0) : m[l];
             xy[l] = y[l] < 0 ? C(0) : x_target[l] - m[l];
         }
-        // One blocked sum per statistic, as in the contiguous layout, vectorised across positions.
-        auto tile_sum = [&](double* out, auto term) {
+        // One blocked sum per statistic, as in the contiguous layout, vectorised across positions: a
+        // block's sum in the compute type, the blocks added in double. Up to kSumBlock classes (the
+        // usual tile) that is the block's own sum, written to `out` directly.
+        auto tile_sum = [&](C* out, auto term) {
+            const bool one_block = n <= kSumBlock;
+            double total[kTile];  // the blocks' sums, for more than one block
             for (int64_t b = 0; b < n; b += kSumBlock) {
                 const int64_t e = std::min(n, b + kSumBlock);
-                for (int64_t l = 0; l < len; ++l) part[l] = 0;
-                // Two classes per pass over the positions: half the loads and stores of part.
+                C* block = one_block ? out : part;
+                for (int64_t l = 0; l < len; ++l) block[l] = 0;
+                // Two classes per pass over the positions: half the loads and stores of the block's sums.
                 int64_t c = b;
                 for (; c + 1 < e; c += 2) {
 #pragma omp simd
-                    for (int64_t l = 0; l < len; ++l) part[l] += term(c, l) + term(c + 1, l);
+                    for (int64_t l = 0; l < len; ++l) block[l] += term(c, l) + term(c + 1, l);
                 }
                 if (c < e) {
 #pragma omp simd
-                    for (int64_t l = 0; l < len; ++l) part[l] += term(c, l);
+                    for (int64_t l = 0; l < len; ++l) block[l] += term(c, l);
                 }
+                if (one_block) return;
 #pragma omp simd
-                for (int64_t l = 0; l < len; ++l) out[l] += static_cast<double>(part[l]);
+                for (int64_t l = 0; l < len; ++l) total[l] = (b == 0 ? 0.0 : total[l]) + static_cast<double>(part[l]);
             }
+#pragma omp simd
+            for (int64_t l = 0; l < len; ++l) out[l] = static_cast<C>(total[l]);
         };
         // For float and double, the exponentials go into the gradient buffer as they are summed, so the
         // gradient pass reads them back (from L1/L2) instead of computing each a second time.
@@ -1038,6 +1047,11 @@ double cross_entropy_tiles(const LossCall& call) {
                 return vexp(load_logit<T, CAP>(xo, c * cs + l * ps, k, t) - m[l]);
             });
         }
+        if (!need_wx) std::fill(wx, wx + len, C(0));
+        if (!to) {
+            std::fill(wtx, wtx + len, C(0));
+            std::fill(wt, wt + len, C(0));
+        }
         if (need_wx) {
             tile_sum(wx, [&](int64_t c, int64_t l) {
                 C t;
@@ -1055,19 +1069,10 @@ double cross_entropy_tiles(const LossCall& call) {
         }
         // The loss and gradient coefficients per position, in one SIMD loop (the log and the divisions
         // dominate at C ~ 20).
-        // The sums were added up in double (blocks of kSumBlock classes); each is one number per position.
-        C s_c[kTile], wx_c[kTile], wtx_c[kTile], wt_c[kTile];
-#pragma omp simd
-        for (int64_t l = 0; l < len; ++l) {
-            s_c[l] = static_cast<C>(s_sum[l]);
-            wx_c[l] = static_cast<C>(wx[l]);
-            wtx_c[l] = static_cast<C>(wtx[l]);
-            wt_c[l] = static_cast<C>(wt[l]);
-        }
         if (probability) {
-            finalize_positions<true>(terms_k, len, m, s_c, xy, wx_c, wtx_c, wt_c, wy, g, keep_c, loss, A, B, fix_c);
+            finalize_positions<true>(terms_k, len, m, s_sum, xy, wx, wtx, wt, wy, g, keep_c, loss, A, B, fix_c);
         } else {
-            finalize_positions<false>(terms_k, len, m, s_c, xy, wx_c, wtx_c, wt_c, wy, g, keep_c, loss, A, B, fix_c);
+            finalize_positions<false>(terms_k, len, m, s_sum, xy, wx, wtx, wt, wy, g, keep_c, loss, A, B, fix_c);
         }
         if (loss_rows) {
             for (int64_t l = 0; l < len; ++l) loss_rows[row0 + l] = static_cast<C>(loss[l]);
