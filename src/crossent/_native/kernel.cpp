@@ -342,6 +342,12 @@ inline void class_indices(const LossCall& call, int64_t r0, int64_t n, int64_t* 
     }
 }
 
+// Whether a class index counts towards the loss: not ignore_index, and within [0, classes) (one unsigned
+// compare for both bounds, which loops over rows vectorise).
+inline bool counted_class(int64_t y, int64_t ignore_index, int64_t classes) {
+    return y != ignore_index && static_cast<uint64_t>(y) < static_cast<uint64_t>(classes);
+}
+
 // What `mean` divides by: the normalizer, the row count (probabilities), or the summed target weights.
 // Summed over fixed blocks of rows in parallel, then the blocks in order: the same for any thread count
 // (a serial pass over the 524288 targets of 8x21x256x256 took a tenth of the forward). Without class
@@ -354,7 +360,7 @@ double mean_denominator(const LossCall& call) {
     if (call.target_kind == TargetKind::probability) return static_cast<double>(rows);
     const C* w = static_cast<const C*>(call.weight);
     const int64_t ignore = call.ignore_index;
-    const uint64_t classes = static_cast<uint64_t>(L.classes);
+    const int64_t classes = L.classes;
     constexpr int64_t kBlock = 4096;
     const int64_t blocks = (rows + kBlock - 1) / kBlock;
     std::vector<double> partial(static_cast<size_t>(blocks), 0.0);
@@ -364,16 +370,15 @@ double mean_denominator(const LossCall& call) {
         int64_t y[kBlock];
         const int64_t r0 = b * kBlock, n = std::min(kBlock, rows - r0);
         class_indices(call, r0, n, y);
-        // Counted: not ignore_index and within [0, classes) (one unsigned compare for both bounds).
         if (w == nullptr) {
             int64_t count = 0;
 #pragma omp simd reduction(+ : count)
-            for (int64_t i = 0; i < n; ++i) count += (y[i] != ignore && static_cast<uint64_t>(y[i]) < classes) ? 1 : 0;
+            for (int64_t i = 0; i < n; ++i) count += counted_class(y[i], ignore, classes) ? 1 : 0;
             partial[static_cast<size_t>(b)] = static_cast<double>(count);
         } else {
             double lane[4] = {0.0, 0.0, 0.0, 0.0};  // four interleaved sums: a fixed order, no serial chain
             for (int64_t i = 0; i < n; ++i) {
-                const bool counted = y[i] != ignore && static_cast<uint64_t>(y[i]) < classes;
+                const bool counted = counted_class(y[i], ignore, classes);
                 lane[i % 4] += counted ? static_cast<double>(w[counted ? y[i] : 0]) : 0.0;
             }
             partial[static_cast<size_t>(b)] = (lane[0] + lane[1]) + (lane[2] + lane[3]);
@@ -850,7 +855,7 @@ double cross_entropy_rows(const LossCall& call) {
             double wy = 0.0;
             if (!probability) {
                 R.y = class_index(call, r);
-                R.valid = R.y != call.ignore_index && R.y >= 0 && R.y < n;
+                R.valid = counted_class(R.y, call.ignore_index, n);
                 if (R.valid) wy = static_cast<double>(w[R.y]);
             }
             RowSums S;
@@ -916,7 +921,6 @@ double cross_entropy_tiles(const LossCall& call) {
     const double g_scalar = P.g_scalar;
     const bool weighted = call.weight != nullptr;
     const int64_t ignore = call.ignore_index;
-    const uint64_t classes = static_cast<uint64_t>(n);
 
     // In place (see cross_entropy_rows): a tile of contiguous rows is copied first; strided positions
     // would need a gather of the whole tile, so that layout refuses it.
@@ -955,13 +959,12 @@ double cross_entropy_tiles(const LossCall& call) {
         } else {
             class_indices(call, o * inner + i0, len, y64);
         }
-        // Per-position state, in loops without branches that vectorise. Counted: not ignore_index and
-        // within [0, n) (one unsigned compare for both bounds); without class weights w_y is 1.
+        // Per-position state, in loops without branches that vectorise; without class weights w_y is 1.
 #pragma omp simd
         for (int64_t l = 0; l < len; ++l) {
             m[l] = -std::numeric_limits<C>::infinity();
             const int64_t yl = y64[l];
-            const bool counted = yl != ignore && static_cast<uint64_t>(yl) < classes;
+            const bool counted = counted_class(yl, ignore, n);
             y[l] = counted && !probability ? static_cast<int32_t>(yl) : -1;
             keep_c[l] = counted || probability ? C(1) : C(0);
             wy[l] = y[l] < 0 ? C(0) : C(1);
@@ -1181,7 +1184,7 @@ double nll_typed(const LossCall& call) {
         for (int64_t r = item * per_item; r < r_end; ++r) {
             const int64_t y = class_index(call, r);
             double loss = 0.0;
-            if (y != call.ignore_index && y >= 0 && y < L.classes) {
+            if (counted_class(y, call.ignore_index, L.classes)) {
                 const int64_t o = r / L.inner, i = r % L.inner;
                 const double xy = static_cast<double>(Elem<T>::load(x[(o * L.classes + y) * L.inner + i]));
                 loss = -(w ? static_cast<double>(w[y]) : 1.0) * xy;
