@@ -160,8 +160,24 @@ def test_bench_suite_plumbing_on_a_tiny_case():
     assert {(r.mode, r.impl) for r in results if r.seconds is not None} == {
         (m, i) for m in ("forward", "forward+backward") for i in ("crossent", "numpy", "floor")
     }
+    assert all(r.median_seconds >= r.seconds for r in results if r.seconds is not None)
     rows = ratio_rows(results)
     assert [r["mode"] for r in rows] == ["forward", "forward+backward"]
     assert all(r["numpy_ratio"] > 0 for r in rows)
     assert "tiny 64x100" in format_table(rows)
     json.dumps(rows)
+
+
+def test_bench_thread_scaling_case_reports_best_and_median_ratios():
+    # The (threads) cases time only crossent with out= on all threads and on one: the table has no plain
+    # crossent time for them, and the ratio is one thread's time over all threads', best and median.
+    from crossent.bench import format_table, ratio_rows, run_suite
+    from crossent.bench.suite import Case
+
+    case = Case("tiny (threads)", (64, 100), peers=("crossent-out", "crossent-1thread"), repeats=3, group="threads")
+    rows = ratio_rows(run_suite([case]))
+    for row in rows:
+        assert row["crossent_s"] is None
+        assert row["crossent-1thread_ratio"] == row["crossent-1thread_s"] / row["crossent-out_s"]
+        assert row["crossent-1thread_median_ratio"] > 0
+    assert "tiny (threads)" in format_table(rows)

@@ -2,7 +2,8 @@
 
 Every implementation of a case is timed in the same process, on the same arrays, in turns: round k gives
 each implementation a turn, in an order rotated by k, of one untimed call and then one timed call (or
-``calls_per_round``, for cases of microseconds), and each keeps its best round. This machine's speed
+``calls_per_round``, for cases of microseconds), and each keeps its best round (and its median one, which
+shows how much the host's noise spread the rounds). This machine's speed
 drifts over minutes (other tenants share its host); in turns, a drift reaches every implementation
 alike instead of whichever happened to run during it, so the ratios of one run hold up, and the
 untimed call keeps one implementation's aftermath (threads still spinning, memory to compact) out of
@@ -24,7 +25,7 @@ import pathlib
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,10 +59,19 @@ def _latency(rounds: int) -> Case:
                 repeats=rounds, calls_per_round=20)  # fmt: skip
 
 
-_MAIN_PEERS = ("crossent", "crossent-out", "crossent-1thread", "torch", "jax", "numpy", "floor")
+_MAIN_PEERS = ("crossent", "crossent-out", "torch", "jax", "numpy", "floor")
+
+
+def _threads(rows: int, classes: int, rounds: int) -> Case:
+    """One thread against all, both with out=, in a case of their own: two calls of a tenth of a second
+    can afford more rounds than the peers' cases, and a ratio of two noisy times needs them."""
+    return Case(f"{rows}x{classes} f32 (threads)", (rows, classes), peers=("crossent-out", "crossent-1thread"),
+                repeats=rounds, group="threads")  # fmt: skip
+
 
 CASES: list[Case] = [
     Case("4096x32768 f32", (4096, 32768), peers=_MAIN_PEERS),
+    _threads(4096, 32768, rounds=20),
     Case(
         "4096x131072 bf16",
         (4096, 131072),
@@ -81,6 +91,7 @@ CASES: list[Case] = [
 # Under a minute on a 2-core machine: the same kinds of case, smaller.
 QUICK_CASES: list[Case] = [
     Case("1024x32768 f32", (1024, 32768), peers=_MAIN_PEERS, repeats=3),
+    _threads(1024, 32768, rounds=5),
     Case("2x21x256x256 f32 (segmentation)", (2, 21, 256, 256), repeats=3),
     _latency(rounds=10),
     *_sweep(1024, [1024, 8192, 65536], repeats=2),
@@ -94,10 +105,10 @@ class Result:
     dtype: str
     mode: str
     impl: str
-    seconds: float | None
+    seconds: float | None  # the best round
     note: str = ""
     group: str = "main"
-    extra: dict[str, Any] = field(default_factory=dict)
+    median_seconds: float | None = None  # how far the rounds spread: the host's noise
 
 
 def best_of(fn: Callable[[], Any], repeats: int) -> float:
@@ -264,13 +275,16 @@ _PEERS: dict[str, Callable[[np.ndarray, np.ndarray, str], Callable[[], Any]]] = 
 _MODULES = {"torch": "torch", "jax": "jax"}
 
 
-def best_in_turns(calls: dict[str, Callable[[], Any]], rounds: int, calls_per_round: int = 1) -> dict[str, float]:
-    """Each callable's shortest round, the callables timed in turns (see the module's docstring). Every
-    turn starts with an untimed call: it absorbs what the previous callable left behind (another
-    library's threads still spinning after its call, memory it freed in pieces that the next large
-    allocation would have to compact), so that each timed call runs as it would among calls of its own."""
+def rounds_in_turns(
+    calls: dict[str, Callable[[], Any]], rounds: int, calls_per_round: int = 1
+) -> dict[str, list[float]]:
+    """Each callable's time per call in every round, the callables timed in turns (see the module's
+    docstring). Every turn starts with an untimed call: it absorbs what the previous callable left behind
+    (another library's threads still spinning after its call, memory it freed in pieces that the next
+    large allocation would have to compact), so that each timed call runs as it would among calls of its
+    own."""
     names = list(calls)
-    best = dict.fromkeys(names, float("inf"))
+    times: dict[str, list[float]] = {name: [] for name in names}
     for k in range(rounds):
         for j in range(len(names)):
             name = names[(j + k) % len(names)]
@@ -279,8 +293,13 @@ def best_in_turns(calls: dict[str, Callable[[], Any]], rounds: int, calls_per_ro
             start = time.perf_counter()
             for _ in range(calls_per_round):
                 fn()
-            best[name] = min(best[name], (time.perf_counter() - start) / calls_per_round)
-    return best
+            times[name].append((time.perf_counter() - start) / calls_per_round)
+    return times
+
+
+def best_in_turns(calls: dict[str, Callable[[], Any]], rounds: int, calls_per_round: int = 1) -> dict[str, float]:
+    """Each callable's shortest round of rounds_in_turns."""
+    return {name: min(t) for name, t in rounds_in_turns(calls, rounds, calls_per_round).items()}
 
 
 def _skip_reason(impl: str, x: np.ndarray, kept: int) -> str:
@@ -325,10 +344,12 @@ def run_suite(
             if not note:
                 calls[impl] = _PEERS[impl](x, y, mode)
                 kept += _KEPT[impl]
-        best = best_in_turns(calls, case.repeats, case.calls_per_round)
+        times = rounds_in_turns(calls, case.repeats, case.calls_per_round)
         del calls  # the peers' buffers (reused gradients, device copies) go before the next case's arrays
         for r in group:
-            r.seconds = best.get(r.impl)
+            if r.impl in times:
+                r.seconds = min(times[r.impl])
+                r.median_seconds = float(np.median(times[r.impl]))
         results.extend(group)
     if progress is not None:
         progress("done", len(groups), len(groups))
@@ -340,6 +361,7 @@ def ratio_rows(results: list[Result]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for case, mode in dict.fromkeys((r.case, r.mode) for r in results):  # first-seen order
         timed = {r.impl: r.seconds for r in results if r.case == case and r.mode == mode}
+        medians = {r.impl: r.median_seconds for r in results if r.case == case and r.mode == mode}
         ours = timed.get("crossent")
         row: dict[str, Any] = {"case": case, "mode": mode, "crossent_s": ours}
         for impl, seconds in timed.items():
@@ -347,10 +369,14 @@ def ratio_rows(results: list[Result]) -> list[dict[str, Any]]:
                 continue
             row[f"{impl}_s"] = seconds
             if impl == "crossent-1thread":
-                # The thread speed-up: one thread against all, both writing into a reused buffer.
+                # The thread speed-up: one thread against all, both writing into a reused buffer; of the
+                # best rounds, and of the median ones.
                 baseline = timed.get("crossent-out")
                 if baseline and seconds:
                     row[f"{impl}_ratio"] = seconds / baseline
+                median, median_baseline = medians.get(impl), medians.get("crossent-out")
+                if median and median_baseline:
+                    row[f"{impl}_median_ratio"] = median / median_baseline
             elif ours and seconds:
                 # For the floor the ratio reads the other way: crossent's time in multiples of the floor.
                 row[f"{impl}_ratio"] = ours / seconds if impl == "floor" else seconds / ours
@@ -418,11 +444,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ours = row["crossent_s"]
         out_floor = row.get("crossent-out_floor_ratio")
         cells.append(f" {out_floor:>13.2f}x" if out_floor else f" {'-':>14}")
-        lines.append(f"{row['case']:<34} {row['mode']:<17} {ours * 1e3:>8.3f}ms" + "".join(cells))
+        ours_cell = f"{ours * 1e3:>8.3f}ms" if ours else f"{'-':>10}"
+        lines.append(f"{row['case']:<34} {row['mode']:<17} {ours_cell}" + "".join(cells))
     lines.append(
         "peer columns: their time and their time / crossent's (> 1: crossent is faster); crossent-1thread: one "
-        "thread's time / all threads' (both with out=); floor: crossent's time / the floor's; out= vs floor: "
-        "crossent reusing its gradient buffer / the floor"
+        "thread's time / all threads' (both with out=, best rounds); floor: crossent's time / the floor's; "
+        "out= vs floor: crossent reusing its gradient buffer / the floor"
     )
     return "\n".join(lines)
 
