@@ -835,10 +835,11 @@ double cross_entropy_rows(const LossCall& call) {
     // In place (the gradient overwrites the logits, crossent.torch's inplace_backward): each row is
     // first copied to a buffer of the thread's own, which the passes read while the gradient is written.
     const bool in_place = grad != nullptr && static_cast<const void*>(grad) == static_cast<const void*>(x);
-    // Items are handed out one at a time rather than in halves: on a shared host, a thread that is
-    // held up (another tenant on its core) then leaves its work to the other instead of making the
-    // whole call wait. 4096x32768 float on two threads, A/B in one process, median of 30 calls:
-    // forward 36.3 -> 32.6 ms, forward+backward 59.3 -> 53.5 ms; best times unchanged.
+    // Items are handed out one at a time rather than in fixed halves, so that a thread that is held up
+    // (on a shared host, by another tenant) leaves its items to the other instead of making the whole
+    // call wait; the partial sums stay per item, so the result does not depend on who took which.
+    // 4096x32768 float on two threads, A/B in one process, median of 30 calls: forward 36.3 -> 32.6 ms,
+    // forward+backward 59.3 -> 53.5 ms; best times unchanged.
 #pragma omp parallel for schedule(dynamic) num_threads(threads)
     for (int64_t item = 0; item < items; ++item) {
         C chunk_shift[kMaxChunks];
