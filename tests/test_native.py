@@ -184,9 +184,13 @@ def test_kernel_target_dtypes(rng, target_dtype):
     assert_matches_reference(case, rng)
 
 
-# (2, 3, 40000): enough positions for the weighted mean's denominator to be summed in parallel too.
+# (100, 3000): enough rows for the rows layout to run on several threads (13 items of up to 8 rows, the
+# last one short). (2, 3, 40000): enough positions for the weighted mean's denominator to be summed in
+# parallel too.
 @pytest.mark.parametrize(
-    ("shape", "axis"), [((8, 3000), 1), ((4, 7, 130), 1), ((3, 5, 7), 2), ((2, 3, 40000), 1)], ids=str
+    ("shape", "axis"),
+    [((8, 3000), 1), ((100, 3000), 1), ((4, 7, 130), 1), ((3, 5, 7), 2), ((2, 3, 40000), 1)],
+    ids=str,
 )
 def test_results_are_bitwise_identical_for_any_thread_count(rng, shape, axis):
     x = (4 * rng.standard_normal(shape)).astype(np.float32)
