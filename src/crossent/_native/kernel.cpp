@@ -838,8 +838,9 @@ double cross_entropy_rows(const LossCall& call) {
     // Items are handed out one at a time rather than in fixed halves, so that a thread that is held up
     // (on a shared host, by another tenant) leaves its items to the other instead of making the whole
     // call wait; the partial sums stay per item, so the result does not depend on who took which.
-    // 4096x32768 float on two threads, A/B in one process, median of 30 calls: forward 36.3 -> 32.6 ms,
-    // forward+backward 59.3 -> 53.5 ms; best times unchanged.
+    // 4096x32768 float on two threads, two A/Bs in one process, medians of 25 and 30 calls: forward
+    // 32.0 -> 30.0 and 36.3 -> 32.6 ms, forward+backward 53.6 -> 51.7 and 59.3 -> 53.5 ms; best times
+    // unchanged.
 #pragma omp parallel for schedule(dynamic) num_threads(threads)
     for (int64_t item = 0; item < items; ++item) {
         C chunk_shift[kMaxChunks];
