@@ -835,7 +835,7 @@ double cross_entropy_rows(const LossCall& call) {
     // In place (the gradient overwrites the logits, crossent.torch's inplace_backward): each row is
     // first copied to a buffer of the thread's own, which the passes read while the gradient is written.
     const bool in_place = grad != nullptr && static_cast<const void*>(grad) == static_cast<const void*>(x);
-    // Items are handed out one at a time rather than in fixed halves, so that a thread that is held up
+    // Items are handed out one at a time rather than in fixed shares, so that a thread that is held up
     // (on a shared host, by another tenant) leaves its items to the other instead of making the whole
     // call wait; the partial sums stay per item, so the result does not depend on who took which.
     // 4096x32768 float on two threads, two A/Bs in one process, medians of 25 and 30 calls: forward
