@@ -143,6 +143,15 @@ inline double vtanh(double y) {
     return std::tanh(y);
 }
 
+// log's special values over the series' result y, for both widths: -inf at 0, inf at inf, NaN below 0
+// and for NaN.
+template <class F>
+inline F with_log_special_values(F x, F y) {
+    y = x == F(0) ? -std::numeric_limits<F>::infinity() : y;
+    y = x == std::numeric_limits<F>::infinity() ? x : y;
+    return (x < F(0) || x != x) ? std::numeric_limits<F>::quiet_NaN() : y;
+}
+
 // log(x) for double, branch-free: x = 2^k * f with f in [sqrt(1/2), sqrt(2)), and
 // log(f) = 2 atanh(u), u = (f - 1) / (f + 1), as an odd series in u (the coefficients of fdlibm's
 // __ieee754_log, error below 1 ulp). Exact for 0 (-inf), inf and NaN; negative x gives NaN; subnormal
@@ -165,11 +174,9 @@ inline double vlog(double x) {
     const double t2 = z * (6.666666666666735130e-01 +
                            w * (2.857142874366239149e-01 + w * (1.818357216161805012e-01 + w * 1.479819860511658591e-01)));
     const double half_g2 = 0.5 * g * g;
-    double y = k * 6.93147180369123816490e-01 - ((half_g2 - (s * (half_g2 + t1 + t2) + k * 1.90821492927058770002e-10)) - g);
-    y = x == 0.0 ? -std::numeric_limits<double>::infinity() : y;
-    y = x == std::numeric_limits<double>::infinity() ? x : y;
-    y = (x < 0.0 || x != x) ? std::numeric_limits<double>::quiet_NaN() : y;
-    return y;
+    const double y =
+        k * 6.93147180369123816490e-01 - ((half_g2 - (s * (half_g2 + t1 + t2) + k * 1.90821492927058770002e-10)) - g);
+    return with_log_special_values(x, y);
 }
 
 // log(x) for float, the same reduction in float with a polynomial of four terms (the minimax fit of
@@ -189,11 +196,8 @@ inline float vlog(float x) {
     const float t1 = w * (0.40000972152f + w * 0.24279078841f);
     const float t2 = z * (0.66666662693f + w * 0.28498786688f);
     const float half_g2 = 0.5f * g * g;
-    float y = k * 6.9313812256e-01f - ((half_g2 - (s * (half_g2 + t1 + t2) + k * 9.0580006145e-06f)) - g);
-    y = x == 0.0f ? -std::numeric_limits<float>::infinity() : y;
-    y = x == std::numeric_limits<float>::infinity() ? x : y;
-    y = (x < 0.0f || x != x) ? std::numeric_limits<float>::quiet_NaN() : y;
-    return y;
+    const float y = k * 6.9313812256e-01f - ((half_g2 - (s * (half_g2 + t1 + t2) + k * 9.0580006145e-06f)) - g);
+    return with_log_special_values(x, y);
 }
 
 // ---------------------------------------------------------------------------------------------------
