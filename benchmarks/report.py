@@ -1,0 +1,278 @@
+"""Regenerate the README's and the docs' benchmark tables and chart from the stored JSON results.
+
+Every figure that the README or a design note quotes from a benchmark sits between a pair of markers,
+
+    <!-- report:NAME -->  ...  <!-- /report:NAME -->
+
+and is written here from one result file in ``benchmarks/results/``, headed by the machine that the
+result itself names (CPU, instruction set in use, threads, library versions, date): a result measured
+on another machine than today's says so. Nothing between the markers is typed by hand.
+
+    python benchmarks/report.py            # rewrite every block and chart from the results there are
+    python benchmarks/report.py --check    # exit 1 if a block is not what its result gives (CI runs this)
+
+Adding a result (a JAX or GPU suite, say) is one ``Section`` in ``SECTIONS`` (its file, its marker, a
+function from the JSON to markdown) and the two markers in the page that shows it. A section whose
+result file is absent renders as a line saying which command produces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+# ---- the machine a result was measured on -------------------------------------------------------
+
+
+def describe_machine(meta: dict[str, Any]) -> str:
+    """One line from a result's own ``machine`` metadata (crossent.bench.machine_metadata)."""
+    config = meta.get("crossent_config") or {}
+    cpu = meta.get("cpu") or meta.get("machine") or "unknown CPU"
+    parts = [f"{cpu}, {meta.get('cpu_count', '?')} logical CPUs ({meta.get('machine', '?')})"]
+    if meta.get("gpu"):
+        parts.append(str(meta["gpu"]))
+    if config:
+        kernel = f"crossent {meta.get('crossent', '?')}: "
+        if config.get("native"):
+            kernel += f"the {config.get('isa', '?')} build of the native kernel on {config.get('threads', '?')} threads"
+        else:
+            kernel += "the Array-API reference (no native kernel)"
+        parts.append(kernel)
+    libraries = [f"Python {meta['python']}"] if meta.get("python") else []
+    for name, label in (("numpy", "NumPy"), ("torch", "torch"), ("jax", "JAX"), ("triton", "Triton"), ("cuda", "CUDA")):
+        if meta.get(name):
+            version = f"{label} {meta[name]}"
+            if name == "torch" and meta.get("torch_threads"):
+                version += f" ({meta['torch_threads']} threads)"
+            libraries.append(version)
+    parts.append(", ".join(libraries))
+    if meta.get("time"):
+        parts.append(f"measured {str(meta['time'])[:10]}")
+    return "; ".join(parts)
+
+
+def machine_line(result_name: str, meta: dict[str, Any]) -> str:
+    return f"Machine ({_result_link(result_name)}): {describe_machine(meta)}."
+
+
+def _result_link(result_name: str) -> str:
+    return f"`benchmarks/results/{result_name}`"
+
+
+# ---- number formats ------------------------------------------------------------------------------
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    if seconds < 1.0:
+        ms = seconds * 1e3
+        return f"{ms:.1f} ms" if ms < 100 else f"{ms:.0f} ms"
+    return f"{seconds:.2f} s"
+
+
+def fmt_ratio(ratio: float | None) -> str:
+    return "" if ratio is None else f" ({ratio:.1f}×)" if ratio >= 2 else f" ({ratio:.2f}×)"
+
+
+# ---- renderers: JSON result -> markdown ----------------------------------------------------------
+
+
+_KERNEL_PEERS = (("torch", "torch `F.cross_entropy`"), ("jax", "`jax.jit` (optax-style)"), ("numpy", "NumPy"))
+
+
+def render_kernel(name: str, result: dict[str, Any]) -> str:
+    """The kernel suite (benchmarks/kernel.py): each case and mode, crossent against its peers."""
+    by_key: dict[tuple[str, str], dict[str, float | None]] = {}
+    for r in result["results"]:
+        if r.get("group", "main") != "main":
+            continue
+        by_key.setdefault((r["case"], r["mode"]), {})[r["impl"]] = r["seconds"]
+    header = "| case | crossent | " + " | ".join(label for _, label in _KERNEL_PEERS) + " | memory floor |"
+    lines = [machine_line(name, result["machine"]), "", header, "|" + "---|" * (len(_KERNEL_PEERS) + 3)]
+    for (case, mode), times in by_key.items():
+        ours = times.get("crossent")
+        if ours is None:
+            continue
+        cells = [f"{case}, {mode}", fmt_time(ours)]
+        for peer, _ in _KERNEL_PEERS:
+            theirs = times.get(peer)
+            cells.append(fmt_time(theirs) + (fmt_ratio(theirs / ours) if theirs else ""))
+        cells.append(fmt_time(times.get("floor")))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Best round of each implementation, timed in turns in one process on the same arrays; "
+        "(×) is the peer's time over crossent's. forward+backward materialises the gradient with respect "
+        "to the logits. The memory floor is one read of the logits (forward) or one copy of them "
+        "(forward+backward) by NumPy.",
+    ]
+    return "\n".join(lines)
+
+
+def render_linear(name: str, result: dict[str, Any]) -> str:
+    """The linear + cross-entropy suite (benchmarks/linear.py): time and extra peak memory per variant."""
+    labels = {
+        "naive": "`x @ W.T`, then `F.cross_entropy`",
+        "torch-chunked": "torch `F.linear_cross_entropy` (chunked)",
+        "crossent": "`crossent.torch.linear_cross_entropy`",
+        "naive+ct": "`x @ W.T`, then `ct.cross_entropy`",
+        "naive+ct-inpl": "`x @ W.T`, then `ct.cross_entropy(..., inplace_backward=True)`",
+    }
+    lines = [machine_line(name, result["machine"]), ""]
+    for case in dict.fromkeys(r["case"] for r in result["linear"]):
+        rows = [r for r in result["linear"] if r["case"] == case]
+        naive = next((r for r in rows if r["variant"] == "naive"), None)
+        lines += [f"**{case}**", "", "| variant | forward+backward | extra peak memory |", "|---|---|---|"]
+        for r in rows:
+            time_cell, memory_cell = fmt_time(r.get("seconds")), f"{r.get('extra_peak_mib') or 0:.0f} MiB"
+            if naive and r is not naive and r.get("seconds") and naive.get("seconds"):
+                time_cell += f" ({r['seconds'] / naive['seconds']:.2f}× naive)"
+                memory_cell += f" ({100 * (r.get('extra_peak_mib') or 0) / naive['extra_peak_mib']:.0f}% of naive)"
+            lines.append(f"| {labels.get(r['variant'], r['variant'])} | {time_cell} | {memory_cell} |")
+        lines.append("")
+    lines.append(
+        "Each variant in a process of its own; extra peak = peak RSS during one forward+backward minus RSS "
+        "with the inputs in place."
+    )
+    return "\n".join(lines)
+
+
+def render_distributed(name: str, result: dict[str, Any]) -> str:
+    """The vocabulary-parallel suite (benchmarks/distributed.py): one process against ranks over gloo."""
+    rows, classes = result["shape"]
+    n, d, v = result["linear_shape"]
+    ranks = result["ranks"]
+    return "\n".join([
+        machine_line(name, result["machine"]),
+        "",
+        f"| forward+backward | one process | {ranks} ranks ({result['threads_per_rank']} thread each) |",
+        "|---|---|---|",
+        f"| {rows}×{classes} float32 logits | {fmt_time(result['single_process_s'])} | "
+        f"{fmt_time(result['vocab_parallel_s'])} |",
+        f"| linear loss, {n}×{d} hidden rows, {v}×{d} layer | {fmt_time(result['single_process_linear_s'])} | "
+        f"{fmt_time(result['vocab_parallel_linear_s'])} |",
+        "",
+        f"All-reduced per forward: {result['allreduce_payload_bytes_per_forward'] / 1024:.0f} KiB, against "
+        f"{result['gathered_logits_bytes'] / 2**20:.0f} MiB to gather the logits.",
+    ])
+
+
+# ---- charts --------------------------------------------------------------------------------------
+
+
+def chart_sweep(name: str, result: dict[str, Any], path: pathlib.Path) -> None:
+    """Time against vocabulary size (the kernel suite's sweep cases), the machine under the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from crossent.bench.suite import Result, draw_sweep
+
+    results = [Result(**{**r, "shape": tuple(r["shape"])}) for r in result["results"]]
+    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=100)
+    draw_sweep(ax, results)
+    fig.text(0.5, 0.01, describe_machine(result["machine"]), ha="center", va="bottom", fontsize=6, wrap=True)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, metadata={"Software": None})  # no version stamp: the same result gives the same file
+    plt.close(fig)
+
+
+# ---- what goes where -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Section:
+    marker: str  # <!-- report:marker --> ... <!-- /report:marker -->
+    page: str  # relative to the repository root
+    result: str  # relative to benchmarks/results/
+    render: Callable[[str, dict[str, Any]], str]
+    command: str  # what produces the result, for a section whose result is absent
+
+
+@dataclass(frozen=True)
+class Chart:
+    path: str  # relative to the repository root
+    result: str
+    draw: Callable[[str, dict[str, Any], pathlib.Path], None]
+
+
+KERNEL_COMMAND = "python benchmarks/kernel.py --out benchmarks/results/reference-run.json"
+SECTIONS = [
+    Section("kernel", "README.md", "reference-run.json", render_kernel, KERNEL_COMMAND),
+    Section("kernel", "docs/design/benchmarking.md", "reference-run.json", render_kernel, KERNEL_COMMAND),
+    Section("linear", "docs/design/linear-loss.md", "linear-reference-run.json", render_linear,
+            "python benchmarks/linear.py --out benchmarks/results/linear-reference-run.json"),  # fmt: skip
+    Section("distributed", "docs/design/vocab-parallel.md", "distributed-reference-run.json", render_distributed,
+            "python benchmarks/distributed.py --out benchmarks/results/distributed-reference-run.json"),  # fmt: skip
+]
+CHARTS = [Chart("benchmarks/results/sweep.png", "reference-run.json", chart_sweep)]
+
+
+def load(result: str) -> dict[str, Any] | None:
+    path = RESULTS / result
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def block(section: Section) -> str:
+    result = load(section.result)
+    if result is None:
+        return f"No result yet: `{section.command}` writes {_result_link(section.result)}."
+    return section.render(section.result, result)
+
+
+def replace_blocks(text: str, page: str, rendered: dict[str, str]) -> str:
+    for marker, body in rendered.items():
+        pattern = re.compile(rf"(<!-- report:{re.escape(marker)} -->\n).*?(<!-- /report:{re.escape(marker)} -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"{page}: no '<!-- report:{marker} -->' ... '<!-- /report:{marker} -->' markers")
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text, count=1)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if a page's blocks differ from their results")
+    parser.add_argument("--no-charts", action="store_true", help="rewrite the tables only")
+    args = parser.parse_args(argv)
+
+    stale = []
+    for page in dict.fromkeys(s.page for s in SECTIONS):
+        path = ROOT / page
+        if not path.exists():
+            continue  # a page another change has not added yet
+        text = path.read_text()
+        new = replace_blocks(text, page, {s.marker: block(s) for s in SECTIONS if s.page == page})
+        if new != text:
+            stale.append(page)
+            if not args.check:
+                path.write_text(new)
+                print(f"wrote {page}")
+    if args.check:
+        for page in stale:
+            print(f"{page}: benchmark blocks differ from their results; run python benchmarks/report.py")
+        return 1 if stale else 0
+    if not args.no_charts:
+        for chart in CHARTS:
+            result = load(chart.result)
+            if result is not None:
+                chart.draw(chart.result, result, ROOT / chart.path)
+                print(f"wrote {chart.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
