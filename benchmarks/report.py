@@ -155,19 +155,21 @@ def render_distributed(name: str, result: dict[str, Any]) -> str:
     rows, classes = result["shape"]
     n, d, v = result["linear_shape"]
     ranks = result["ranks"]
-    return "\n".join([
-        machine_line(name, result["machine"]),
-        "",
-        f"| forward+backward | one process | {ranks} ranks ({result['threads_per_rank']} thread each) |",
-        "|---|---|---|",
-        f"| {rows}×{classes} float32 logits | {fmt_time(result['single_process_s'])} | "
-        f"{fmt_time(result['vocab_parallel_s'])} |",
-        f"| linear loss, {n}×{d} hidden rows, {v}×{d} layer | {fmt_time(result['single_process_linear_s'])} | "
-        f"{fmt_time(result['vocab_parallel_linear_s'])} |",
-        "",
-        f"All-reduced per forward: {result['allreduce_payload_bytes_per_forward'] / 1024:.0f} KiB, against "
-        f"{result['gathered_logits_bytes'] / 2**20:.0f} MiB to gather the logits.",
-    ])
+    return "\n".join(
+        [
+            machine_line(name, result["machine"]),
+            "",
+            f"| forward+backward | one process | {ranks} ranks ({result['threads_per_rank']} thread each) |",
+            "|---|---|---|",
+            f"| {rows}×{classes} float32 logits | {fmt_time(result['single_process_s'])} | "
+            f"{fmt_time(result['vocab_parallel_s'])} |",
+            f"| linear loss, {n}×{d} hidden rows, {v}×{d} layer | {fmt_time(result['single_process_linear_s'])} | "
+            f"{fmt_time(result['vocab_parallel_linear_s'])} |",
+            "",
+            f"All-reduced per forward: {result['allreduce_payload_bytes_per_forward'] / 1024:.0f} KiB, against "
+            f"{result['gathered_logits_bytes'] / 2**20:.0f} MiB to gather the logits.",
+        ]
+    )
 
 
 # ---- charts --------------------------------------------------------------------------------------
@@ -214,10 +216,20 @@ KERNEL_COMMAND = "python benchmarks/kernel.py --out benchmarks/results/reference
 SECTIONS = [
     Section("kernel", "README.md", "reference-run.json", render_kernel, KERNEL_COMMAND),
     Section("kernel", "docs/design/benchmarking.md", "reference-run.json", render_kernel, KERNEL_COMMAND),
-    Section("linear", "docs/design/linear-loss.md", "linear-reference-run.json", render_linear,
-            "python benchmarks/linear.py --out benchmarks/results/linear-reference-run.json"),  # fmt: skip
-    Section("distributed", "docs/design/vocab-parallel.md", "distributed-reference-run.json", render_distributed,
-            "python benchmarks/distributed.py --out benchmarks/results/distributed-reference-run.json"),  # fmt: skip
+    Section(
+        "linear",
+        "docs/design/linear-loss.md",
+        "linear-reference-run.json",
+        render_linear,
+        "python benchmarks/linear.py --out benchmarks/results/linear-reference-run.json",
+    ),
+    Section(
+        "distributed",
+        "docs/design/vocab-parallel.md",
+        "distributed-reference-run.json",
+        render_distributed,
+        "python benchmarks/distributed.py --out benchmarks/results/distributed-reference-run.json",
+    ),
 ]
 CHARTS = [Chart("benchmarks/results/sweep.png", "reference-run.json", chart_sweep)]
 
@@ -237,9 +249,10 @@ def block(section: Section) -> str:
 def replace_blocks(text: str, page: str, rendered: dict[str, str]) -> str:
     for marker, body in rendered.items():
         pattern = re.compile(rf"(<!-- report:{re.escape(marker)} -->\n).*?(<!-- /report:{re.escape(marker)} -->)", re.S)
-        if not pattern.search(text):
+        found = pattern.search(text)
+        if found is None:
             raise SystemExit(f"{page}: no '<!-- report:{marker} -->' ... '<!-- /report:{marker} -->' markers")
-        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text, count=1)
+        text = text[: found.end(1)] + body + "\n" + text[found.start(2) :]
     return text
 
 

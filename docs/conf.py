@@ -43,7 +43,8 @@ napoleon_numpy_docstring = True
 napoleon_use_rtype = False
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
-autodoc_default_options = {"members": True, "imported-members": True, "show-inheritance": False}
+autodoc_default_options = {"members": True}
+autodoc_inherit_docstrings = False  # nn.Module's own methods (extra_repr, ...) are not crossent's API
 
 html_theme = "alabaster"
 html_title = "crossent"

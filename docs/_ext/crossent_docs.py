@@ -1,13 +1,15 @@
 """Sphinx helpers of crossent's documentation site.
 
 - The API pages: one page per module of ``API_MODULES`` (conf.py), written into ``api/generated/`` when
-  the build starts, so that documenting a new module is one line in conf.py.
+  the build starts, so that documenting a new module is one line in conf.py. A module's page lists the
+  names in its ``__all__`` or, without one, the public functions and classes it defines.
 - ``crossent-output``: a directive that runs ``python -m crossent <arguments>`` at build time and shows
   what it printed, so that a page quoting the command line shows its real, current output.
 """
 
 from __future__ import annotations
 
+import importlib
 import pathlib
 import shlex
 import subprocess
@@ -28,6 +30,10 @@ def write_api_pages(app: Sphinx) -> None:
             stale.unlink()
     for name in app.config.API_MODULES:
         text = f"``{name}``\n{'=' * (len(name) + 4)}\n\n.. automodule:: {name}\n"
+        # A module with __all__ re-exports its public names from private modules: document those. One
+        # without documents what it defines itself, not what it imports.
+        if hasattr(importlib.import_module(name), "__all__"):
+            text += "   :imported-members:\n"
         page = target / f"{name}.rst"
         if not page.exists() or page.read_text() != text:  # unchanged pages keep Sphinx's cache valid
             page.write_text(text)
