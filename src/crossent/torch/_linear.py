@@ -489,6 +489,7 @@ def prepare_arguments(
     t2 = target.reshape(-1, n_classes) if probability else target.reshape(-1)
     import array_api_compat.torch as xp_torch
 
+    _validate.check_target_options(probability, opts)
     if weight is not None:
         _validate.check_weight(xp_torch, weight, classes)
     if not probability:

@@ -135,6 +135,32 @@ def loss_options(**options: Any) -> LossOptions:
     return _validate.loss_options(**options, cache=not torch.compiler.is_compiling())
 
 
+@torch.library.custom_op("crossent::checked_class_indices", mutates_args=())
+def _checked_class_indices_op(target: torch.Tensor, n_classes: int, ignore_index: int) -> torch.Tensor:
+    """A copy of ``target`` once its class indices are checked (CPU). The copy is what the loss reads
+    next, so that no compiler can drop the check as dead code."""
+    if target.device.type == "cpu":
+        _validate.check_class_indices(xp_torch, target, n_classes, ignore_index)
+    return target.clone()
+
+
+@_checked_class_indices_op.register_fake
+def _(target, n_classes, ignore_index):
+    return torch.empty_like(target)
+
+
+def checked_class_indices(target: torch.Tensor, n_classes: int, ignore_index: int) -> torch.Tensor:
+    """``target``, after an IndexError for a class index outside [0, n_classes) that is not
+    ``ignore_index``, on CPU tensors, eager or under torch.compile (where reading values in Python would
+    be a data-dependent guard: the check runs inside a custom op). On an accelerator it is not checked
+    (that would synchronise the host): the losses give NaN for such a row instead."""
+    if torch.compiler.is_compiling():
+        return _checked_class_indices_op(target, n_classes, ignore_index)
+    if target.device.type == "cpu":
+        _validate.check_class_indices(xp_torch, target, n_classes, ignore_index)
+    return target
+
+
 def _options(
     ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: float,
     normalizer: torch.Tensor | None, zero_if_all_ignored: bool,

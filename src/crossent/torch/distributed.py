@@ -207,6 +207,7 @@ def vocab_parallel_cross_entropy(
     if probability and tuple(target.shape) != tuple(local_logits.shape):
         raise ValueError(f"probability targets must have the local logits' shape {tuple(local_logits.shape)}, "
                          f"got {tuple(target.shape)}")  # fmt: skip
+    _validate.check_target_options(probability, opts)
     if not probability and tuple(target.shape) != rows_shape:
         raise ValueError(f"target shape {tuple(target.shape)} does not match the logits' rows {rows_shape}")
     if weight is not None and tuple(weight.shape) != (total,):
