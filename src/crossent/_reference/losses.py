@@ -107,7 +107,7 @@ def _cross_entropy(
     n_classes = shape.n_classes
     eps = opts.label_smoothing
     zero = xp.zeros((), dtype=cdt, device=dev)
-    w = None if weight is None else xp.asarray(weight, dtype=cdt, device=dev)  # (C,)
+    w = None if weight is None else xp.astype(weight, cdt)  # (C,); astype keeps an autograd graph
 
     x = xp.astype(classes_last(xp, input, axis), cdt)  # (..., C)
     if opts.softcap is not None:
@@ -190,7 +190,7 @@ def nll_loss(xp: Any, input: Any, target: Any, weight: Any, shape: LossShape, op
     cdt = compute_dtype(xp, dtype)
     dev = device_of(input)
     zero = xp.zeros((), dtype=cdt, device=dev)
-    w = None if weight is None else xp.asarray(weight, dtype=cdt, device=dev)
+    w = None if weight is None else xp.astype(weight, cdt)  # astype: keeps an autograd graph
     x = xp.astype(classes_last(xp, input, shape.class_axis), cdt)  # (..., C)
     terms = _class_index_terms(xp, target, shape.n_classes, opts.ignore_index, w, zero)
     picked = xp.sum(xp.where(terms.onehot, x, zero), axis=-1)  # (...,) input[target]

@@ -94,8 +94,9 @@ def cross_entropy(
     if inplace_backward and compute_grad:
         if torch.compiler.is_compiling():
             raise RuntimeError("inplace_backward=True runs in eager mode only; leave it False under torch.compile")
-        if target.requires_grad:
-            raise ValueError("inplace_backward=True overwrites the logits that the probability target's gradient needs")
+        if target.requires_grad or (weight is not None and weight.requires_grad):
+            what = "probability target's" if target.requires_grad else "class weight's"
+            raise ValueError(f"inplace_backward=True overwrites the logits that the {what} gradient needs")
         opts = dataclasses.replace(opts, normalizer=norm)
         return InplaceBackward.apply(input, target, weight, shape, opts)
     loss, _ = cross_entropy_op(

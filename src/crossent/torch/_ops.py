@@ -20,6 +20,7 @@ import torch
 from .. import _memory, _native, _reference, _validate
 from .._validate import LossOptions, LossShape
 from ._reduction import mean_denominator_and_scale, reduce_losses
+from ._weight_grad import cross_entropy_weight_grad
 
 _state = {"torch_ops": False}
 
@@ -230,11 +231,11 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
     # The second output (the gradient buffer) never receives a gradient: do not let autograd fill an
     # input-sized tensor of zeros for it.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(output[1], input, target, weight, normalizer)
+    ctx.save_for_backward(output[1], input, target, weight, normalizer, output[0])
 
 
 def _backward(ctx: Any, grad_loss: torch.Tensor | None, _grad_of_grad: torch.Tensor | None) -> tuple[Any, ...]:
-    grad, input, target, weight, normalizer = ctx.saved_tensors
+    grad, input, target, weight, normalizer, loss = ctx.saved_tensors
     grad_input = None
     if grad_loss is None:  # the loss itself was not used
         return (None,) * 12
@@ -252,7 +253,14 @@ def _backward(ctx: Any, grad_loss: torch.Tensor | None, _grad_of_grad: torch.Ten
     grad_target = None
     if ctx.needs_input_grad[1] and target.is_floating_point():
         grad_target = _probability_target_grad(ctx, grad_loss, input, target, weight, normalizer)
-    return grad_input, grad_target, None, None, None, None, None, None, None, None, None, None
+    grad_weight = None
+    if ctx.needs_input_grad[2] and weight is not None:
+        opts = _options(
+            ctx.ignore_index, ctx.reduction, ctx.label_smoothing, ctx.z_loss, ctx.softcap, normalizer,
+            ctx.zero_if_all_ignored,
+        )  # fmt: skip
+        grad_weight = cross_entropy_weight_grad(input, target, weight, ctx.class_axis, opts, normalizer, grad_loss, loss)
+    return grad_input, grad_target, grad_weight, None, None, None, None, None, None, None, None, None
 
 
 def _differentiable_backward(ctx: Any, grad_loss, input, target, weight, normalizer) -> tuple[Any, ...]:
@@ -264,14 +272,18 @@ def _differentiable_backward(ctx: Any, grad_loss, input, target, weight, normali
         ctx.ignore_index, ctx.reduction, ctx.label_smoothing, ctx.z_loss, ctx.softcap, normalizer,
         ctx.zero_if_all_ignored,
     )  # fmt: skip
-    wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1] and target.is_floating_point()]
-    inputs = [tensor for tensor, want in zip((input, target), wanted, strict=True) if want]
+    wanted = [
+        ctx.needs_input_grad[0],
+        ctx.needs_input_grad[1] and target.is_floating_point(),
+        ctx.needs_input_grad[2] and weight is not None,
+    ]
+    inputs = [tensor for tensor, want in zip((input, target, weight), wanted, strict=True) if want]
     if not inputs:
         return (None,) * 12
     loss, _ = _torch_loss_and_grad(input, target, weight, shape, opts, compute_grad=False)
     grads = iter(torch.autograd.grad(loss, inputs, grad_loss, create_graph=True, allow_unused=True))
-    grad_input, grad_target = (next(grads) if want else None for want in wanted)
-    return grad_input, grad_target, None, None, None, None, None, None, None, None, None, None
+    grad_input, grad_target, grad_weight = (next(grads) if want else None for want in wanted)
+    return grad_input, grad_target, grad_weight, None, None, None, None, None, None, None, None, None
 
 
 def _probability_target_grad(ctx: Any, grad_loss, input, target, weight, normalizer) -> torch.Tensor:
