@@ -27,6 +27,7 @@ from ._ops import (
     loss_options,
 )
 from ._reduction import mean_denominator_and_scale, reduce_losses
+from ._weight_grad import linear_extra_grads
 from ._vocab_slices import SliceStats, VocabSlice, combine, compute_dtype, slice_gradient, slice_statistics
 
 # Memory budget of one chunk's logits: rows x V in the matmuls' dtype (_matmul_dtype), overwritten in
@@ -332,6 +333,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             chunk_loss.reduce_input_grad(grads[0])
         ctx.chunk_loss, ctx.chunk = chunk_loss, chunk
         ctx.has_bias = b is not None
+        loss = reduce_losses(per_row, denom, opts).to(x.dtype)
+        # The probability target's and the class weight's gradients take a sweep of their own (see
+        # crossent.torch._weight_grad); what it reads is kept only when one of them is wanted.
+        ctx.extra = None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            if sharded is not None:
+                raise NotImplementedError(
+                    "vocab_parallel_linear_cross_entropy gives no gradient to a class weight or probability "
+                    "target that requires one; detach them, or use vocab_parallel_cross_entropy"
+                )
+            detached = [None if t is None else t.detach() for t in (x, W, b, target, weight, normalizer, loss)]
+            ctx.extra = (detached, opts)
         if grads is not None:
             ctx.save_for_backward(*[g for g in grads if g is not None])
             ctx.mode = "precomputed"
@@ -339,11 +352,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             ctx.save_for_backward(x, W, *(t for t in (b,) if t is not None), target, rows)
             ctx.mode = "recompute"
-        return reduce_losses(per_row, denom, opts).to(x.dtype)
+        return loss
 
     @staticmethod
     @first_derivative_only("linear_cross_entropy")
     def backward(ctx: Any, grad_loss: torch.Tensor):
+        grad_target = grad_weight = None
+        if ctx.extra is not None:
+            (x, W, b, target, weight, normalizer, loss), opts = ctx.extra
+            grad_target, grad_weight = linear_extra_grads(
+                x, W, b, target, weight, normalizer, opts, grad_loss, loss, ctx.chunk[0],
+                want_target=ctx.needs_input_grad[3], want_weight=ctx.needs_input_grad[4],
+            )  # fmt: skip
+        return (*_LinearCrossEntropy._grads(ctx, grad_loss), grad_target, grad_weight, None, None, None, None)
+
+    @staticmethod
+    def _grads(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, Any, Any]:
+        """The input's, the linear weight's and the bias's gradients."""
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            return None, None, None
         if ctx.mode == "precomputed":
             if ctx.used:
                 raise RuntimeError(
@@ -360,7 +387,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dW.mul_(g)
             if db is not None:
                 db.mul_(g)
-            return dx, dW, db, None, None, None, None, None, None
+            return dx, dW, db
         saved = list(ctx.saved_tensors)
         x, W = saved[0], saved[1]
         b = saved[2] if ctx.has_bias else None
@@ -370,7 +397,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         assert grads is not None
         dx, dW, db = grads
         ctx.chunk_loss.reduce_input_grad(dx)
-        return dx, dW, db, None, None, None, None, None, None
+        return dx, dW, db
 
 
 def linear_cross_entropy(
@@ -436,8 +463,15 @@ def linear_cross_entropy(
     args = prepare_arguments(
         input, linear_weight, target, linear_bias, weight, opts, chunk_size, vocab_chunk_size=vocab_chunk_size
     )
-    loss = _LinearCrossEntropy.apply(args.x, linear_weight, linear_bias, args.target, weight, args.normalizer, opts,
-                                     args.chunk)  # fmt: skip
+    if torch.compiler.is_compiling():
+        from ._linear_op import compiled_linear_cross_entropy
+
+        loss = compiled_linear_cross_entropy(
+            args.x, linear_weight, linear_bias, args.target, weight, args.normalizer, opts, args.chunk
+        )
+    else:
+        loss = _LinearCrossEntropy.apply(args.x, linear_weight, linear_bias, args.target, weight, args.normalizer,
+                                         opts, args.chunk)  # fmt: skip
     return loss.reshape(args.batch) if opts.reduction == "none" else loss
 
 
@@ -492,7 +526,7 @@ def prepare_arguments(
     _validate.check_target_options(probability, opts)
     if weight is not None:
         _validate.check_weight(xp_torch, weight, classes)
-    if not probability:
+    if not probability and not torch.compiler.is_compiling():  # compiled: checked inside the op
         _validate.check_class_indices(xp_torch, t2, classes, opts.ignore_index)
     norm = opts.normalizer
     if norm is not None and not isinstance(norm, torch.Tensor):

@@ -99,3 +99,40 @@ def cross_entropy_weight_grad(
     g = grad_loss.reshape(-1) if opts.reduction == "none" else grad_loss.expand(rows)
     grad_sum = weight_grad_sum(log_probs, t, g, opts, c)
     return finish_weight_grad(grad_sum, t, weight, opts, normalizer, grad_loss, loss, rows)
+
+
+def linear_extra_grads(
+    x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, target: torch.Tensor, weight: torch.Tensor | None,
+    normalizer: torch.Tensor | None, opts: LossOptions, grad_loss: torch.Tensor, loss: torch.Tensor, chunk: int,
+    want_target: bool, want_weight: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """(d(loss)/d(probability target), d(loss)/d(class weight)) of the linear loss, from one more
+    sweep over chunks of ``chunk`` rows whose logits hold the whole vocabulary (x (rows, D), W (V, D),
+    target (rows,) or (rows, V))."""
+    n, v = x.shape[0], W.shape[0]
+    acc = _acc(x.dtype)
+    g_all = grad_loss.reshape(-1) if opts.reduction == "none" else grad_loss.expand(n)
+    w = None if weight is None else weight.to(acc)
+    grad_target = torch.zeros(target.shape, dtype=acc, device=x.device) if want_target else None
+    grad_sum = torch.zeros(v, dtype=acc, device=x.device)
+    for start in range(0, n, chunk):
+        rows = slice(start, start + chunk)
+        logits = x[rows].to(acc) @ W.to(acc).t()  # (r, V)
+        if b is not None:
+            logits += b.to(acc)
+        log_probs = _log_probs(logits, opts)
+        g = g_all[rows].to(acc)
+        if want_weight:
+            grad_sum += weight_grad_sum(log_probs, target[rows], g, opts, v)
+        if grad_target is not None:
+            scaled = log_probs if w is None else log_probs * w
+            grad_target[rows] = -(1 - opts.label_smoothing) * g[:, None] * scaled
+    grad_weight = None
+    if want_weight and weight is not None:
+        grad_weight = finish_weight_grad(grad_sum, target, weight, opts, normalizer, grad_loss, loss, n)
+    if grad_target is not None:
+        if opts.reduction == "mean":
+            _, scale = mean_denominator_and_scale(target, weight, opts, rows=n, normalizer=normalizer)
+            grad_target = grad_target * scale.to(acc)
+        grad_target = grad_target.to(target.dtype)
+    return grad_target, grad_weight
