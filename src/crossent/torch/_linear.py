@@ -11,6 +11,7 @@ instructions are multiplied in float32, a block of the weight at a time (see _ma
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Protocol
 
 import torch
@@ -432,7 +433,10 @@ def linear_cross_entropy(
     Parameters
     ----------
     input : Tensor, shape (..., D)
-    linear_weight : Tensor, shape (V, D)
+    linear_weight : Tensor, shape (V, D), or (V, *out, D)
+        With K = len(out) >= 1 (torch 2.13's K-dimensional loss), the logits are (N, V, *out), one
+        softmax over the V classes per position; ``input`` must then be (N, D), ``linear_bias``
+        (V, *out), and ``target`` (N, *out) class indices or (N, V, *out) probabilities.
     target : Tensor, shape (...) of class indices, or (..., V) of class probabilities
     chunk_size : int, optional
         Rows per chunk; by default derived from a 24 MiB budget for one chunk's logits and gradient.
@@ -460,6 +464,8 @@ def linear_cross_entropy(
     # the batch chunk size.
     if options is not None and chunk_size is None:
         chunk_size = getattr(options, "batch_chunk_size", None)
+    if linear_weight.ndim > 2:
+        return _k_dimensional(input, linear_weight, target, linear_bias, weight, opts, chunk_size, vocab_chunk_size)
     args = prepare_arguments(
         input, linear_weight, target, linear_bias, weight, opts, chunk_size, vocab_chunk_size=vocab_chunk_size
     )
@@ -473,6 +479,45 @@ def linear_cross_entropy(
         loss = _LinearCrossEntropy.apply(args.x, linear_weight, linear_bias, args.target, weight, args.normalizer,
                                          opts, args.chunk)  # fmt: skip
     return loss.reshape(args.batch) if opts.reduction == "none" else loss
+
+
+def _k_dimensional(
+    input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, linear_bias: torch.Tensor | None,
+    weight: torch.Tensor | None, opts: LossOptions, chunk_size: int | None, vocab_chunk_size: int | None,
+) -> torch.Tensor:  # fmt: skip
+    """torch 2.13's K-dimensional linear loss: ``linear_weight`` (C, *out, D) gives logits (N, C, *out),
+    one softmax over the C classes per position of ``out``. Each position is the 2-D loss with its own
+    (C, D) weight, summed (or kept, for none), and mean divides by the whole batch's denominator."""
+    n_classes, out, in_features = linear_weight.shape[0], tuple(linear_weight.shape[1:-1]), linear_weight.shape[-1]
+    if input.ndim != 2:
+        raise ValueError(
+            f"a K-dimensional linear_weight {tuple(linear_weight.shape)} needs a batched input (N, {in_features}), "
+            f"got shape {tuple(input.shape)}"
+        )
+    if linear_bias is not None and tuple(linear_bias.shape) != (n_classes, *out):
+        raise ValueError(f"linear_bias must have shape {(n_classes, *out)}, got {tuple(linear_bias.shape)}")
+    n, positions = input.shape[0], math.prod(out)
+    probability = target.is_floating_point()
+    expected = (n, n_classes, *out) if probability else (n, *out)
+    if tuple(target.shape) != expected:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match the logits (N, C, *out): expected {expected}")
+    W = linear_weight.reshape(n_classes, positions, in_features)
+    b = None if linear_bias is None else linear_bias.reshape(n_classes, positions)
+    t = target.reshape(n, n_classes, positions) if probability else target.reshape(n, positions)
+    part = "none" if opts.reduction == "none" else "sum"
+    losses = [
+        linear_cross_entropy(
+            input, W[:, k].contiguous(), t[..., k], linear_bias=None if b is None else b[:, k], weight=weight,
+            reduction=part, ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing, z_loss=opts.z_loss,
+            softcap=opts.softcap, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
+        )
+        for k in range(positions)
+    ]  # fmt: skip
+    if opts.reduction == "none":
+        return torch.stack(losses, -1).reshape(n, *out)
+    flat = t.movedim(1, -1).reshape(-1, n_classes) if probability else t.reshape(-1)
+    denom, _ = mean_denominator_and_scale(flat, weight, opts, rows=n * positions)
+    return reduce_losses(torch.stack(losses), denom, opts).to(input.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
