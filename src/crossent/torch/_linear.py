@@ -28,8 +28,8 @@ from ._ops import (
     loss_options,
 )
 from ._reduction import mean_denominator_and_scale, reduce_losses
-from ._weight_grad import linear_extra_grads
 from ._vocab_slices import SliceStats, VocabSlice, combine, compute_dtype, slice_gradient, slice_statistics
+from ._weight_grad import linear_extra_grads
 
 # Memory budget of one chunk's logits: rows x V in the matmuls' dtype (_matmul_dtype), overwritten in
 # place by their gradient, plus for half-precision logits the float32 copy of that gradient the float32
@@ -500,7 +500,9 @@ def _k_dimensional(
     probability = target.is_floating_point()
     expected = (n, n_classes, *out) if probability else (n, *out)
     if tuple(target.shape) != expected:
-        raise ValueError(f"target shape {tuple(target.shape)} does not match the logits (N, C, *out): expected {expected}")
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match the logits (N, C, *out): expected {expected}"
+        )
     W = linear_weight.reshape(n_classes, positions, in_features)
     b = None if linear_bias is None else linear_bias.reshape(n_classes, positions)
     t = target.reshape(n, n_classes, positions) if probability else target.reshape(n, positions)

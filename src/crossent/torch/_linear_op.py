@@ -41,12 +41,12 @@ def _run(
     others) for ``grad_loss`` (the unit upstream gradient when None)."""
     from ._linear import _LinearCrossEntropy
 
-    x, W, b, target, weight = tensors
+    x, W, _, target, _ = tensors
     assert x is not None and W is not None and target is not None
     if not target.is_floating_point() and x.device.type == "cpu":
         _validate.check_class_indices(xp_torch, target, W.shape[0], opts.ignore_index)
     with torch.enable_grad():
-        leaves = [None if t is None else t.detach().requires_grad_(want) for t, want in zip(tensors, wanted, strict=True)]
+        leaves = [None if t is None else t.detach().requires_grad_(w) for t, w in zip(tensors, wanted, strict=True)]
         loss = _LinearCrossEntropy.apply(*leaves, normalizer, opts, chunk)
         grad_of = [t for t in leaves if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(loss, grad_of, grad_loss) if grad_of and (

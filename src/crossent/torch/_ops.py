@@ -259,7 +259,9 @@ def _backward(ctx: Any, grad_loss: torch.Tensor | None, _grad_of_grad: torch.Ten
             ctx.ignore_index, ctx.reduction, ctx.label_smoothing, ctx.z_loss, ctx.softcap, normalizer,
             ctx.zero_if_all_ignored,
         )  # fmt: skip
-        grad_weight = cross_entropy_weight_grad(input, target, weight, ctx.class_axis, opts, normalizer, grad_loss, loss)
+        grad_weight = cross_entropy_weight_grad(
+            input, target, weight, ctx.class_axis, opts, normalizer, grad_loss, loss
+        )
     return grad_input, grad_target, grad_weight, None, None, None, None, None, None, None, None, None
 
 
