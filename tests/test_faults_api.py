@@ -131,6 +131,17 @@ def test_item5_unchecked_out_of_range_target_gives_nan_not_a_finite_number(weigh
     denom, _ = mean_denominator_and_scale(y, w, mean, rows=3)
     if weighted:
         assert torch.isnan(denom)  # an out-of-bounds weight read would be a crash on CUDA
+    # The vocabulary-sliced loss (the linear loss's vocabulary chunks, compiled on an accelerator).
+    from crossent.torch._vocab_slices import SliceStats, VocabSlice, combine, slice_gradient, slice_statistics
+
+    slices = [VocabSlice(0, 2, 4, w), VocabSlice(2, 4, 4, w)]
+    stats = [slice_statistics(x[:, s.start : s.end], y, s, per_row) for s in slices]
+    loss, terms = combine(SliceStats.stack(stats), y, VocabSlice(0, 4, 4, w), per_row, lambda t: t.amax(0),
+                          lambda t: t.sum(0))  # fmt: skip
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    terms.lse_local = stats[0].lse
+    grad = slice_gradient(x[:, :2], y, slices[0], per_row, terms, torch.ones(3, dtype=f64))
+    assert torch.isnan(grad[1]).all() and torch.isfinite(grad[[0, 2]]).all()
 
 
 # -- Item 6: gradients that went missing: the class weight, the linear loss's probability target --

@@ -23,6 +23,7 @@ from ._ops import (
     _numpy_view,
     _state,
     _torch_loss_and_grad,
+    checked_class_indices,
     cpu_buffer,
     first_derivative_only,
     loss_options,
@@ -423,7 +424,10 @@ def linear_cross_entropy(
 
     Argument-compatible with ``torch.nn.functional.linear_cross_entropy`` (its ``options`` may carry a
     ``batch_chunk_size``), plus crossent's loss options. Gradients flow to ``input``, ``linear_weight``
-    and ``linear_bias``; the weight gradient is accumulated in float32. For ``mean`` and ``sum`` the
+    and ``linear_bias``; the weight gradient is accumulated in float32. A class ``weight`` or a
+    probability ``target`` that requires a gradient gets it too, from one more sweep over the rows
+    (its chunks hold the whole vocabulary). ``torch.compile(fullgraph=True)`` traces the loss as one
+    custom op (``crossent::linear_cross_entropy``) without a graph break. For ``mean`` and ``sum`` the
     gradients are computed in the forward sweep (one pass over the data); for ``none`` the backward
     recomputes the chunks' logits with the per-row upstream gradient. bfloat16 and float16 inputs on a
     CPU without matrix instructions for them (AVX512-BF16, AMX) are multiplied in float32, where torch's
@@ -444,6 +448,14 @@ def linear_cross_entropy(
         Classes per chunk; by default all of them, unless 128 rows of the whole vocabulary would take
         more than four budgets (V > 196608 float32 logits, V > 131072 half-precision ones). The logits
         of a vocabulary chunk are computed twice, for the loss and for the gradient.
+
+    Raises
+    ------
+    IndexError
+        A class index outside [0, V) that is not ``ignore_index`` (on CPU tensors also under
+        ``torch.compile``; on an accelerator under ``torch.compile`` the row's loss is NaN instead).
+    ValueError
+        Shapes that do not fit, or ``ignore_index >= 0`` with a probability target.
 
     Examples
     --------
@@ -573,7 +585,9 @@ def prepare_arguments(
     _validate.check_target_options(probability, opts)
     if weight is not None:
         _validate.check_weight(xp_torch, weight, classes)
-    if not probability and not torch.compiler.is_compiling():  # compiled: checked inside the op
+    if not probability and torch.compiler.is_compiling():
+        t2 = checked_class_indices(t2, classes, opts.ignore_index)  # reading values would break the graph
+    elif not probability:
         _validate.check_class_indices(xp_torch, t2, classes, opts.ignore_index)
     norm = opts.normalizer
     if norm is not None and not isinstance(norm, torch.Tensor):
