@@ -424,7 +424,8 @@ def log_softmax(x: Any, axis: int = -1) -> Any:
         \log\mathrm{softmax}(x)_j = (x_j - m) - \log \sum_k \exp(x_k - m)
 
     It is idempotent: ``log_softmax(log_softmax(x)) == log_softmax(x)`` up to rounding, which is why the
-    seed notebook finds ``CrossEntropyLoss(LogSoftmax(x)) == CrossEntropyLoss(x)``.
+    seed notebook finds ``CrossEntropyLoss(LogSoftmax(x)) == CrossEntropyLoss(x)``. A 0-d input is one
+    element over axis 0 (or -1): its result is 0-d, 0 for a finite ``x``, as in torch.
 
     Examples
     --------
@@ -448,6 +449,8 @@ def softmax(x: Any, axis: int = -1) -> Any:
     .. math::
 
         \mathrm{softmax}(x)_j = \frac{\exp(x_j - m)}{\sum_k \exp(x_k - m)}, \qquad m = \max_k x_k
+
+    A 0-d input is one element over axis 0 (or -1): its result is 0-d, 1 for a finite ``x``, as in torch.
 
     Examples
     --------
