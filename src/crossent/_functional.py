@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import array_api_compat
@@ -51,6 +52,7 @@ def _prepare_loss(
     shape = validate.loss_shape(xp, input, target, axis, allow_probabilities=allow_probabilities)
     if weight is not None:
         validate.check_weight(xp, weight, shape.n_classes)
+    validate.check_target_options(shape.probability_target, opts)
     if not shape.probability_target and not _native.class_indices_valid(target, shape.n_classes, opts.ignore_index):
         validate.check_class_indices(xp, target, shape.n_classes, opts.ignore_index)
     return xp, input, target, weight, shape
@@ -326,13 +328,18 @@ def nll_loss(
         return _as_result(xp, reference.nll_loss(xp, input, target, weight, shape, opts))
 
 
-def _softmax_input(x: Any, axis: Any) -> tuple[Any, Any, int]:
+def _softmax_input(x: Any, axis: Any) -> tuple[Any, Any, int, bool]:
+    """(namespace, array, axis, whether the input was 0-d). A 0-d input is taken as a vector of one
+    element (torch's rule, with axis 0 or -1); the caller gives its result back as 0-d."""
     xp, x, _ = _namespace(x)
     validate.require_floating(xp, x, "x")
-    return xp, x, validate.resolve_axis(axis, x.ndim, torch_rule=False)
+    if x.ndim == 0:
+        validate.resolve_axes(axis, 0)
+        return xp, xp.reshape(x, (1,)), 0, True
+    return xp, x, validate.resolve_axis(axis, x.ndim, torch_rule=False), False
 
 
-def logsumexp(x: Any, axis: int = -1, keepdims: bool = False) -> Any:
+def logsumexp(x: Any, axis: int | tuple[int, ...] | None = -1, keepdims: bool = False) -> Any:
     r"""``log(sum(exp(x), axis))``, computed without overflow.
 
     .. math::
@@ -344,33 +351,69 @@ def logsumexp(x: Any, axis: int = -1, keepdims: bool = False) -> Any:
     Parameters
     ----------
     x : array
-    axis : int
+        Any shape, 0-d included (the log-sum-exp of one element is that element, as in torch).
+    axis : int, tuple of ints or None
+        The axes summed over: one (default the last), several (``axis=(0, 1)``, as torch's ``dim``
+        and SciPy's ``axis`` take), or every axis with ``None`` (SciPy's and NumPy's meaning of None;
+        torch has no such default). An empty tuple sums over nothing and returns ``x``.
     keepdims : bool
+        Keep the summed axes with length 1.
 
     Returns
     -------
     array
         ``x``'s shape without ``axis`` (kept with length 1 if ``keepdims``), ``x``'s library and dtype.
 
+    Raises
+    ------
+    ValueError
+        An axis out of range, or named twice.
+
     Examples
     --------
     >>> import numpy as np, crossent
     >>> print(crossent.logsumexp(np.array([1000.0, 1000.0])))  # 1000 + log 2; naive form: inf
     1000.6931471805599
+    >>> print(crossent.logsumexp(np.zeros((2, 3)), axis=(0, 1)) - np.log(6.0))  # over all 6 entries
+    0.0
 
     References
     ----------
     Blanchard, Higham & Higham, "Accurately computing the log-sum-exp and softmax functions",
     IMA J. Numer. Anal. 41 (2021).
     """
-    xp, x, ax = _softmax_input(x, axis)
     if not isinstance(keepdims, bool):
         raise TypeError(f"keepdims must be a bool, got {keepdims!r}")
+    if isinstance(axis, tuple) or axis is None:
+        return _logsumexp_axes(x, axis, keepdims)
+    if not isinstance(keepdims, bool):
+        raise TypeError(f"keepdims must be a bool, got {keepdims!r}")
+    if isinstance(axis, tuple) or axis is None:
+        return _logsumexp_axes(x, axis, keepdims)
+    xp, x, ax, scalar = _softmax_input(x, axis)
+    keepdims = keepdims and not scalar  # a 0-d input gives a 0-d result, as in torch
     kernel = native_kernel(xp, x)
     if kernel is not None:
         return kernel.logsumexp(x, ax, keepdims)
     with np.errstate(all="ignore"):
         return _as_result(xp, reference.logsumexp(xp, x, ax, keepdims))
+
+
+def _logsumexp_axes(x: Any, axis: tuple[int, ...] | None, keepdims: bool) -> Any:
+    """logsumexp over several axes: they are moved last and flattened into one (a copy unless they
+    are the trailing axes already), then reduced by the one-axis path."""
+    xp, x, _ = _namespace(x)
+    validate.require_floating(xp, x, "x")
+    shape = tuple(int(n) for n in x.shape)
+    axes = validate.resolve_axes(axis, x.ndim)
+    kept = tuple(a for a in range(x.ndim) if a not in axes)
+    if kept + axes != tuple(range(x.ndim)):
+        x = xp.permute_dims(x, kept + axes)
+    flat = xp.reshape(x, (*(shape[a] for a in kept), math.prod(shape[a] for a in axes)))
+    out = logsumexp(flat, axis=-1)
+    if keepdims:
+        out = xp.reshape(out, tuple(1 if a in axes else n for a, n in enumerate(shape)))
+    return out
 
 
 def log_softmax(x: Any, axis: int = -1) -> Any:
@@ -381,7 +424,8 @@ def log_softmax(x: Any, axis: int = -1) -> Any:
         \log\mathrm{softmax}(x)_j = (x_j - m) - \log \sum_k \exp(x_k - m)
 
     It is idempotent: ``log_softmax(log_softmax(x)) == log_softmax(x)`` up to rounding, which is why the
-    seed notebook finds ``CrossEntropyLoss(LogSoftmax(x)) == CrossEntropyLoss(x)``.
+    seed notebook finds ``CrossEntropyLoss(LogSoftmax(x)) == CrossEntropyLoss(x)``. A 0-d input is one
+    element over axis 0 (or -1): its result is 0-d, 0 for a finite ``x``, as in torch.
 
     Examples
     --------
@@ -389,12 +433,14 @@ def log_softmax(x: Any, axis: int = -1) -> Any:
     >>> print(np.round(crossent.log_softmax(np.array([0.0, np.log(3.0)])), 4))
     [-1.3863 -0.2877]
     """
-    xp, x, ax = _softmax_input(x, axis)
+    xp, x, ax, scalar = _softmax_input(x, axis)
     kernel = native_kernel(xp, x)
     if kernel is not None:
-        return kernel.log_softmax(x, ax)
-    with np.errstate(all="ignore"):
-        return reference.log_softmax(xp, x, ax)
+        out = kernel.log_softmax(x, ax)
+    else:
+        with np.errstate(all="ignore"):
+            out = reference.log_softmax(xp, x, ax)
+    return xp.reshape(out, ()) if scalar else out
 
 
 def softmax(x: Any, axis: int = -1) -> Any:
@@ -404,15 +450,19 @@ def softmax(x: Any, axis: int = -1) -> Any:
 
         \mathrm{softmax}(x)_j = \frac{\exp(x_j - m)}{\sum_k \exp(x_k - m)}, \qquad m = \max_k x_k
 
+    A 0-d input is one element over axis 0 (or -1): its result is 0-d, 1 for a finite ``x``, as in torch.
+
     Examples
     --------
     >>> import numpy as np, crossent
     >>> print(crossent.softmax(np.array([1000.0, 1000.0])))  # naive form: nan
     [0.5 0.5]
     """
-    xp, x, ax = _softmax_input(x, axis)
+    xp, x, ax, scalar = _softmax_input(x, axis)
     kernel = native_kernel(xp, x)
     if kernel is not None:
-        return kernel.softmax(x, ax)
-    with np.errstate(all="ignore"):
-        return reference.softmax(xp, x, ax)
+        out = kernel.softmax(x, ax)
+    else:
+        with np.errstate(all="ignore"):
+            out = reference.softmax(xp, x, ax)
+    return xp.reshape(out, ()) if scalar else out

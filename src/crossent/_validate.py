@@ -109,6 +109,24 @@ def resolve_axis(axis: Any, ndim: int, *, torch_rule: bool) -> int:
     return axis % ndim
 
 
+def resolve_axes(axis: Any, ndim: int) -> tuple[int, ...]:
+    """The reduced axes of ``logsumexp`` as sorted non-negative ints: an int, a tuple of ints, or None
+    for every axis (NumPy's and SciPy's convention). A 0-d array has one axis to name, 0 or -1 (torch)."""
+    if axis is None:
+        return tuple(range(ndim))
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    span = max(ndim, 1)
+    out = []
+    for a in axes:
+        a = check_int(a, "axis")
+        if not -span <= a < span:
+            raise ValueError(f"axis {a} is out of range for an input with {ndim} dimensions")
+        out.append(a % span)
+    if len(set(out)) != len(out):
+        raise ValueError(f"axis {axis!r} names an axis twice")
+    return tuple(sorted(out)) if ndim else ()
+
+
 def _check_real(value: Any, name: str, low: float, high: float, *, low_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
@@ -228,6 +246,15 @@ def loss_shape(xp: Any, input: Any, target: Any, axis: Any, *, allow_probabiliti
             f"{class_axis}: expected target shape {batch_shape}"
         )
     return LossShape(class_axis, n_classes, batch_shape, probability_target=False)
+
+
+def check_target_options(probability_target: bool, opts: LossOptions) -> None:
+    """Options that a probability target cannot take (torch raises for the same)."""
+    if probability_target and opts.ignore_index >= 0:
+        raise ValueError(
+            f"ignore_index is not supported for floating point target (class probabilities): got "
+            f"ignore_index={opts.ignore_index}; leave it negative (the default -100) or pass class indices"
+        )
 
 
 def index_dtype(xp: Any, dtype: Any, ignore_index: int) -> Any:

@@ -47,6 +47,11 @@ def _class_index_terms(xp: Any, target: Any, n_classes: int, ignore_index: int, 
         target_weight = xp.astype(valid, zero.dtype)
     else:
         target_weight = xp.sum(xp.where(onehot, w, zero), axis=-1)
+    # A class index outside [0, C) that was not checked (inside jit, on an accelerator, where reading
+    # the target would synchronise the host): its row's weight is NaN, so that its loss, the mean and
+    # the gradient are NaN rather than a finite number that counts the row as 0.
+    outside = valid & ((t < 0) | (t >= n_classes))
+    target_weight = xp.where(outside, xp.full_like(target_weight, math.nan), target_weight)
     return _ClassIndexTerms(valid=valid, onehot=onehot, target_weight=target_weight)
 
 
@@ -102,7 +107,7 @@ def _cross_entropy(
     n_classes = shape.n_classes
     eps = opts.label_smoothing
     zero = xp.zeros((), dtype=cdt, device=dev)
-    w = None if weight is None else xp.asarray(weight, dtype=cdt, device=dev)  # (C,)
+    w = None if weight is None else xp.astype(weight, cdt)  # (C,); astype keeps an autograd graph
 
     x = xp.astype(classes_last(xp, input, axis), cdt)  # (..., C)
     if opts.softcap is not None:
@@ -185,7 +190,7 @@ def nll_loss(xp: Any, input: Any, target: Any, weight: Any, shape: LossShape, op
     cdt = compute_dtype(xp, dtype)
     dev = device_of(input)
     zero = xp.zeros((), dtype=cdt, device=dev)
-    w = None if weight is None else xp.asarray(weight, dtype=cdt, device=dev)
+    w = None if weight is None else xp.astype(weight, cdt)  # astype: keeps an autograd graph
     x = xp.astype(classes_last(xp, input, shape.class_axis), cdt)  # (..., C)
     terms = _class_index_terms(xp, target, shape.n_classes, opts.ignore_index, w, zero)
     picked = xp.sum(xp.where(terms.onehot, x, zero), axis=-1)  # (...,) input[target]

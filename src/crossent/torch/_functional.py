@@ -10,7 +10,7 @@ import array_api_compat.torch as xp_torch
 import torch
 
 from .. import _reference, _validate
-from ._ops import InplaceBackward, cross_entropy_op, loss_options
+from ._ops import InplaceBackward, checked_class_indices, cross_entropy_op, loss_options
 
 
 def _legacy_reduction(size_average: Any, reduce: Any, reduction: str) -> str:
@@ -56,6 +56,15 @@ def cross_entropy(
     since their version counter is bumped. Eager mode only; not with probability targets that require
     a gradient (theirs needs the logits).
 
+    Raises
+    ------
+    IndexError
+        A class index outside [0, C) that is not ``ignore_index``, on CPU tensors, eager or under
+        ``torch.compile``. On an accelerator the target is not read (that would synchronise the host):
+        such a row's loss is NaN, and so are the mean and the gradients.
+    ValueError
+        ``ignore_index >= 0`` with a probability target (torch raises the same).
+
     Examples
     --------
     >>> import torch, crossent.torch as ct
@@ -75,6 +84,7 @@ def cross_entropy(
             f"input and target must be torch tensors, got {type(input).__name__} and {type(target).__name__}"
         )
     shape = _validate.loss_shape(xp_torch, input, target, axis, allow_probabilities=True)
+    _validate.check_target_options(shape.probability_target, opts)
     if weight is not None:
         _validate.check_weight(xp_torch, weight, shape.n_classes)
     norm = opts.normalizer
@@ -84,8 +94,9 @@ def cross_entropy(
     if inplace_backward and compute_grad:
         if torch.compiler.is_compiling():
             raise RuntimeError("inplace_backward=True runs in eager mode only; leave it False under torch.compile")
-        if target.requires_grad:
-            raise ValueError("inplace_backward=True overwrites the logits that the probability target's gradient needs")
+        if target.requires_grad or (weight is not None and weight.requires_grad):
+            what = "probability target's" if target.requires_grad else "class weight's"
+            raise ValueError(f"inplace_backward=True overwrites the logits that the {what} gradient needs")
         opts = dataclasses.replace(opts, normalizer=norm)
         return InplaceBackward.apply(input, target, weight, shape, opts)
     loss, _ = cross_entropy_op(
@@ -111,7 +122,14 @@ def nll_loss(
     """``torch.nn.functional.nll_loss`` with crossent's validation and extras (input: log-probabilities).
 
     NLL is a pick and a weighted sum: it runs crossent's reference as torch operations (autograd
-    included) on every device.
+    included) on every device. Gradients flow to ``input`` and to a ``weight`` that requires one.
+
+    Raises
+    ------
+    IndexError
+        A target outside [0, C) that is not ``ignore_index``, on CPU tensors, eager or under
+        ``torch.compile``. On an accelerator the target is not read (that would synchronise the host):
+        such a row's loss is NaN, and so are the mean and the gradients.
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
     opts = loss_options(
@@ -120,7 +138,6 @@ def nll_loss(
     shape = _validate.loss_shape(xp_torch, input, target, axis, allow_probabilities=False)
     if weight is not None:
         _validate.check_weight(xp_torch, weight, shape.n_classes)
-    if input.device.type == "cpu" and not torch.compiler.is_compiling():
-        _validate.check_class_indices(xp_torch, target, shape.n_classes, opts.ignore_index)
+    target = checked_class_indices(target, shape.n_classes, opts.ignore_index)
     # The reference is written with differentiable Array-API operations: autograd flows through it.
     return _reference.nll_loss(xp_torch, input, target, weight, shape, opts)

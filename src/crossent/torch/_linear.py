@@ -11,6 +11,7 @@ instructions are multiplied in float32, a block of the weight at a time (see _ma
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Protocol
 
 import torch
@@ -22,12 +23,14 @@ from ._ops import (
     _numpy_view,
     _state,
     _torch_loss_and_grad,
+    checked_class_indices,
     cpu_buffer,
     first_derivative_only,
     loss_options,
 )
 from ._reduction import mean_denominator_and_scale, reduce_losses
 from ._vocab_slices import SliceStats, VocabSlice, combine, compute_dtype, slice_gradient, slice_statistics
+from ._weight_grad import linear_extra_grads
 
 # Memory budget of one chunk's logits: rows x V in the matmuls' dtype (_matmul_dtype), overwritten in
 # place by their gradient, plus for half-precision logits the float32 copy of that gradient the float32
@@ -332,6 +335,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             chunk_loss.reduce_input_grad(grads[0])
         ctx.chunk_loss, ctx.chunk = chunk_loss, chunk
         ctx.has_bias = b is not None
+        loss = reduce_losses(per_row, denom, opts).to(x.dtype)
+        # The probability target's and the class weight's gradients take a sweep of their own (see
+        # crossent.torch._weight_grad); what it reads is kept only when one of them is wanted.
+        ctx.extra = None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            if sharded is not None:
+                raise NotImplementedError(
+                    "vocab_parallel_linear_cross_entropy gives no gradient to a class weight or probability "
+                    "target that requires one; detach them, or use vocab_parallel_cross_entropy"
+                )
+            detached = [None if t is None else t.detach() for t in (x, W, b, target, weight, normalizer, loss)]
+            ctx.extra = (detached, opts)
         if grads is not None:
             ctx.save_for_backward(*[g for g in grads if g is not None])
             ctx.mode = "precomputed"
@@ -339,11 +354,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             ctx.save_for_backward(x, W, *(t for t in (b,) if t is not None), target, rows)
             ctx.mode = "recompute"
-        return reduce_losses(per_row, denom, opts).to(x.dtype)
+        return loss
 
     @staticmethod
     @first_derivative_only("linear_cross_entropy")
     def backward(ctx: Any, grad_loss: torch.Tensor):
+        grad_target = grad_weight = None
+        if ctx.extra is not None:
+            (x, W, b, target, weight, normalizer, loss), opts = ctx.extra
+            grad_target, grad_weight = linear_extra_grads(
+                x, W, b, target, weight, normalizer, opts, grad_loss, loss, ctx.chunk[0],
+                want_target=ctx.needs_input_grad[3], want_weight=ctx.needs_input_grad[4],
+            )  # fmt: skip
+        return (*_LinearCrossEntropy._grads(ctx, grad_loss), grad_target, grad_weight, None, None, None, None)
+
+    @staticmethod
+    def _grads(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, Any, Any]:
+        """The input's, the linear weight's and the bias's gradients."""
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            return None, None, None
         if ctx.mode == "precomputed":
             if ctx.used:
                 raise RuntimeError(
@@ -360,7 +389,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dW.mul_(g)
             if db is not None:
                 db.mul_(g)
-            return dx, dW, db, None, None, None, None, None, None
+            return dx, dW, db
         saved = list(ctx.saved_tensors)
         x, W = saved[0], saved[1]
         b = saved[2] if ctx.has_bias else None
@@ -370,7 +399,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         assert grads is not None
         dx, dW, db = grads
         ctx.chunk_loss.reduce_input_grad(dx)
-        return dx, dW, db, None, None, None, None, None, None
+        return dx, dW, db
 
 
 def linear_cross_entropy(
@@ -395,7 +424,10 @@ def linear_cross_entropy(
 
     Argument-compatible with ``torch.nn.functional.linear_cross_entropy`` (its ``options`` may carry a
     ``batch_chunk_size``), plus crossent's loss options. Gradients flow to ``input``, ``linear_weight``
-    and ``linear_bias``; the weight gradient is accumulated in float32. For ``mean`` and ``sum`` the
+    and ``linear_bias``; the weight gradient is accumulated in float32. A class ``weight`` or a
+    probability ``target`` that requires a gradient gets it too, from one more sweep over the rows
+    (its chunks hold the whole vocabulary). ``torch.compile(fullgraph=True)`` traces the loss as one
+    custom op (``crossent::linear_cross_entropy``) without a graph break. For ``mean`` and ``sum`` the
     gradients are computed in the forward sweep (one pass over the data); for ``none`` the backward
     recomputes the chunks' logits with the per-row upstream gradient. bfloat16 and float16 inputs on a
     CPU without matrix instructions for them (AVX512-BF16, AMX) are multiplied in float32, where torch's
@@ -405,7 +437,10 @@ def linear_cross_entropy(
     Parameters
     ----------
     input : Tensor, shape (..., D)
-    linear_weight : Tensor, shape (V, D)
+    linear_weight : Tensor, shape (V, D), or (V, *out, D)
+        With K = len(out) >= 1 (torch 2.13's K-dimensional loss), the logits are (N, V, *out), one
+        softmax over the V classes per position; ``input`` must then be (N, D), ``linear_bias``
+        (V, *out), and ``target`` (N, *out) class indices or (N, V, *out) probabilities.
     target : Tensor, shape (...) of class indices, or (..., V) of class probabilities
     chunk_size : int, optional
         Rows per chunk; by default derived from a 24 MiB budget for one chunk's logits and gradient.
@@ -413,6 +448,14 @@ def linear_cross_entropy(
         Classes per chunk; by default all of them, unless 128 rows of the whole vocabulary would take
         more than four budgets (V > 196608 float32 logits, V > 131072 half-precision ones). The logits
         of a vocabulary chunk are computed twice, for the loss and for the gradient.
+
+    Raises
+    ------
+    IndexError
+        A class index outside [0, V) that is not ``ignore_index`` (on CPU tensors also under
+        ``torch.compile``; on an accelerator under ``torch.compile`` the row's loss is NaN instead).
+    ValueError
+        Shapes that do not fit, or ``ignore_index >= 0`` with a probability target.
 
     Examples
     --------
@@ -433,12 +476,62 @@ def linear_cross_entropy(
     # the batch chunk size.
     if options is not None and chunk_size is None:
         chunk_size = getattr(options, "batch_chunk_size", None)
+    if linear_weight.ndim > 2:
+        return _k_dimensional(input, linear_weight, target, linear_bias, weight, opts, chunk_size, vocab_chunk_size)
     args = prepare_arguments(
         input, linear_weight, target, linear_bias, weight, opts, chunk_size, vocab_chunk_size=vocab_chunk_size
     )
-    loss = _LinearCrossEntropy.apply(args.x, linear_weight, linear_bias, args.target, weight, args.normalizer, opts,
-                                     args.chunk)  # fmt: skip
+    if torch.compiler.is_compiling():
+        from ._linear_op import compiled_linear_cross_entropy
+
+        loss = compiled_linear_cross_entropy(
+            args.x, linear_weight, linear_bias, args.target, weight, args.normalizer, opts, args.chunk
+        )
+    else:
+        loss = _LinearCrossEntropy.apply(args.x, linear_weight, linear_bias, args.target, weight, args.normalizer,
+                                         opts, args.chunk)  # fmt: skip
     return loss.reshape(args.batch) if opts.reduction == "none" else loss
+
+
+def _k_dimensional(
+    input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, linear_bias: torch.Tensor | None,
+    weight: torch.Tensor | None, opts: LossOptions, chunk_size: int | None, vocab_chunk_size: int | None,
+) -> torch.Tensor:  # fmt: skip
+    """torch 2.13's K-dimensional linear loss: ``linear_weight`` (C, *out, D) gives logits (N, C, *out),
+    one softmax over the C classes per position of ``out``. Each position is the 2-D loss with its own
+    (C, D) weight, summed (or kept, for none), and mean divides by the whole batch's denominator."""
+    n_classes, out, in_features = linear_weight.shape[0], tuple(linear_weight.shape[1:-1]), linear_weight.shape[-1]
+    if input.ndim != 2:
+        raise ValueError(
+            f"a K-dimensional linear_weight {tuple(linear_weight.shape)} needs a batched input (N, {in_features}), "
+            f"got shape {tuple(input.shape)}"
+        )
+    if linear_bias is not None and tuple(linear_bias.shape) != (n_classes, *out):
+        raise ValueError(f"linear_bias must have shape {(n_classes, *out)}, got {tuple(linear_bias.shape)}")
+    n, positions = input.shape[0], math.prod(out)
+    probability = target.is_floating_point()
+    expected = (n, n_classes, *out) if probability else (n, *out)
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match the logits (N, C, *out): expected {expected}"
+        )
+    W = linear_weight.reshape(n_classes, positions, in_features)
+    b = None if linear_bias is None else linear_bias.reshape(n_classes, positions)
+    t = target.reshape(n, n_classes, positions) if probability else target.reshape(n, positions)
+    part = "none" if opts.reduction == "none" else "sum"
+    losses = [
+        linear_cross_entropy(
+            input, W[:, k].contiguous(), t[..., k], linear_bias=None if b is None else b[:, k], weight=weight,
+            reduction=part, ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing, z_loss=opts.z_loss,
+            softcap=opts.softcap, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
+        )
+        for k in range(positions)
+    ]  # fmt: skip
+    if opts.reduction == "none":
+        return torch.stack(losses, -1).reshape(n, *out)
+    flat = t.movedim(1, -1).reshape(-1, n_classes) if probability else t.reshape(-1)
+    denom, _ = mean_denominator_and_scale(flat, weight, opts, rows=n * positions)
+    return reduce_losses(torch.stack(losses), denom, opts).to(input.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -489,9 +582,12 @@ def prepare_arguments(
     t2 = target.reshape(-1, n_classes) if probability else target.reshape(-1)
     import array_api_compat.torch as xp_torch
 
+    _validate.check_target_options(probability, opts)
     if weight is not None:
         _validate.check_weight(xp_torch, weight, classes)
-    if not probability:
+    if not probability and torch.compiler.is_compiling():
+        t2 = checked_class_indices(t2, classes, opts.ignore_index)  # reading values would break the graph
+    elif not probability:
         _validate.check_class_indices(xp_torch, t2, classes, opts.ignore_index)
     norm = opts.normalizer
     if norm is not None and not isinstance(norm, torch.Tensor):

@@ -20,6 +20,7 @@ import torch
 from .. import _memory, _native, _reference, _validate
 from .._validate import LossOptions, LossShape
 from ._reduction import mean_denominator_and_scale, reduce_losses
+from ._weight_grad import cross_entropy_weight_grad
 
 _state = {"torch_ops": False}
 
@@ -135,6 +136,32 @@ def loss_options(**options: Any) -> LossOptions:
     return _validate.loss_options(**options, cache=not torch.compiler.is_compiling())
 
 
+@torch.library.custom_op("crossent::checked_class_indices", mutates_args=())
+def _checked_class_indices_op(target: torch.Tensor, n_classes: int, ignore_index: int) -> torch.Tensor:
+    """A copy of ``target`` once its class indices are checked (CPU). The copy is what the loss reads
+    next, so that no compiler can drop the check as dead code."""
+    if target.device.type == "cpu":
+        _validate.check_class_indices(xp_torch, target, n_classes, ignore_index)
+    return target.clone()
+
+
+@_checked_class_indices_op.register_fake
+def _(target, n_classes, ignore_index):
+    return torch.empty_like(target)
+
+
+def checked_class_indices(target: torch.Tensor, n_classes: int, ignore_index: int) -> torch.Tensor:
+    """``target``, after an IndexError for a class index outside [0, n_classes) that is not
+    ``ignore_index``, on CPU tensors, eager or under torch.compile (where reading values in Python would
+    be a data-dependent guard: the check runs inside a custom op). On an accelerator it is not checked
+    (that would synchronise the host): the losses give NaN for such a row instead."""
+    if torch.compiler.is_compiling():
+        return _checked_class_indices_op(target, n_classes, ignore_index)
+    if target.device.type == "cpu":
+        _validate.check_class_indices(xp_torch, target, n_classes, ignore_index)
+    return target
+
+
 def _options(
     ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: float,
     normalizer: torch.Tensor | None, zero_if_all_ignored: bool,
@@ -204,11 +231,11 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
     # The second output (the gradient buffer) never receives a gradient: do not let autograd fill an
     # input-sized tensor of zeros for it.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(output[1], input, target, weight, normalizer)
+    ctx.save_for_backward(output[1], input, target, weight, normalizer, output[0])
 
 
 def _backward(ctx: Any, grad_loss: torch.Tensor | None, _grad_of_grad: torch.Tensor | None) -> tuple[Any, ...]:
-    grad, input, target, weight, normalizer = ctx.saved_tensors
+    grad, input, target, weight, normalizer, loss = ctx.saved_tensors
     grad_input = None
     if grad_loss is None:  # the loss itself was not used
         return (None,) * 12
@@ -226,7 +253,16 @@ def _backward(ctx: Any, grad_loss: torch.Tensor | None, _grad_of_grad: torch.Ten
     grad_target = None
     if ctx.needs_input_grad[1] and target.is_floating_point():
         grad_target = _probability_target_grad(ctx, grad_loss, input, target, weight, normalizer)
-    return grad_input, grad_target, None, None, None, None, None, None, None, None, None, None
+    grad_weight = None
+    if ctx.needs_input_grad[2] and weight is not None:
+        opts = _options(
+            ctx.ignore_index, ctx.reduction, ctx.label_smoothing, ctx.z_loss, ctx.softcap, normalizer,
+            ctx.zero_if_all_ignored,
+        )  # fmt: skip
+        grad_weight = cross_entropy_weight_grad(
+            input, target, weight, ctx.class_axis, opts, normalizer, grad_loss, loss
+        )
+    return grad_input, grad_target, grad_weight, None, None, None, None, None, None, None, None, None
 
 
 def _differentiable_backward(ctx: Any, grad_loss, input, target, weight, normalizer) -> tuple[Any, ...]:
@@ -238,14 +274,18 @@ def _differentiable_backward(ctx: Any, grad_loss, input, target, weight, normali
         ctx.ignore_index, ctx.reduction, ctx.label_smoothing, ctx.z_loss, ctx.softcap, normalizer,
         ctx.zero_if_all_ignored,
     )  # fmt: skip
-    wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1] and target.is_floating_point()]
-    inputs = [tensor for tensor, want in zip((input, target), wanted, strict=True) if want]
+    wanted = [
+        ctx.needs_input_grad[0],
+        ctx.needs_input_grad[1] and target.is_floating_point(),
+        ctx.needs_input_grad[2] and weight is not None,
+    ]
+    inputs = [tensor for tensor, want in zip((input, target, weight), wanted, strict=True) if want]
     if not inputs:
         return (None,) * 12
     loss, _ = _torch_loss_and_grad(input, target, weight, shape, opts, compute_grad=False)
     grads = iter(torch.autograd.grad(loss, inputs, grad_loss, create_graph=True, allow_unused=True))
-    grad_input, grad_target = (next(grads) if want else None for want in wanted)
-    return grad_input, grad_target, None, None, None, None, None, None, None, None, None, None
+    grad_input, grad_target, grad_weight = (next(grads) if want else None for want in wanted)
+    return grad_input, grad_target, grad_weight, None, None, None, None, None, None, None, None, None
 
 
 def _probability_target_grad(ctx: Any, grad_loss, input, target, weight, normalizer) -> torch.Tensor:

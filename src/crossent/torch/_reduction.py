@@ -40,8 +40,11 @@ def mean_denominator_and_scale(
         if weight is None:
             denom = valid.sum(dtype=acc)
         else:
-            safe = torch.where(valid, target, 0).long()
-            denom = torch.where(valid, weight.to(acc)[safe], 0).sum()
+            # An unchecked class index outside [0, C) (on an accelerator) gives NaN, not an
+            # out-of-bounds read: see crossent._reference's _class_index_terms.
+            inside = (target >= 0) & (target < weight.shape[0])
+            safe = torch.where(valid & inside, target, 0).long()
+            denom = torch.where(valid, torch.where(inside, weight.to(acc)[safe], torch.nan), 0).sum()
     scale = 1.0 / denom
     if opts.zero_if_all_ignored:
         scale = torch.where(denom == 0, torch.zeros_like(scale), scale)

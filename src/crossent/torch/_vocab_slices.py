@@ -150,8 +150,12 @@ def combine(
         valid = target != opts.ignore_index
         xy = packed[:, 1]
         wx = packed[:, 2] if eps > 0 else torch.zeros_like(log_s)
-        safe = torch.where(valid, target, 0)
+        # An unchecked class index outside [0, total) (compiled, on an accelerator) gets a NaN weight,
+        # so that its row is NaN rather than a finite loss without its target's logit.
+        outside = valid & ((target < 0) | (target >= sl.total))
+        safe = torch.where(valid & ~outside, target, 0)
         w_y = torch.where(valid, torch.ones_like(log_s) if w is None else w[safe], torch.zeros_like(log_s))
+        w_y = torch.where(outside, torch.full_like(w_y, torch.nan), w_y)
         loss = (1 - eps) * w_y * (log_s - xy) + uniform * (log_s * w_total - wx)
         A = (1 - eps) * w_y + uniform * w_total
         B = torch.full_like(log_s, uniform)

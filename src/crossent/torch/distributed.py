@@ -31,6 +31,7 @@ from ._linear import _LinearCrossEntropy, prepare_arguments
 from ._ops import first_derivative_only, loss_options
 from ._reduction import mean_denominator_and_scale, reduce_losses
 from ._vocab_slices import VocabSlice, combine, slice_gradient, slice_statistics
+from ._weight_grad import finish_weight_grad, weight_grad_sum
 
 _bounds_cache: dict[tuple[Any, int, int], tuple[int, int, int]] = {}
 
@@ -135,14 +136,17 @@ class _ShardChunkLoss:
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, local: torch.Tensor, target: torch.Tensor, normalizer: torch.Tensor | None,
-                shard: _Shard, opts: _validate.LossOptions) -> torch.Tensor:  # fmt: skip
+                weight: torch.Tensor | None, shard: _Shard, opts: _validate.LossOptions) -> torch.Tensor:  # fmt: skip
+        # ``weight`` is shard.slice.weight, passed again so that autograd sees it.
         loss, terms = shard.forward(local, target, opts)
         # The mean's denominator needs no communication: every rank holds every row's target.
         rows = local.shape[0]
         denom, scale = mean_denominator_and_scale(target, shard.slice.weight, opts, rows=rows, normalizer=normalizer)
         ctx.save_for_backward(local, target)
-        ctx.terms, ctx.shard, ctx.opts, ctx.scale = terms, shard, opts, scale
-        return reduce_losses(loss, denom, opts).to(local.dtype)
+        ctx.terms, ctx.shard, ctx.opts, ctx.scale, ctx.normalizer = terms, shard, opts, scale, normalizer
+        reduced = reduce_losses(loss, denom, opts).to(local.dtype)
+        ctx.loss = reduced.detach()
+        return reduced
 
     @staticmethod
     @first_derivative_only("distributed.vocab_parallel_cross_entropy")
@@ -153,8 +157,43 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             upstream = grad_loss
         else:
             upstream = (grad_loss.to(torch.float64) * ctx.scale).expand(local.shape[0])
-        grad = slice_gradient(local, target, ctx.shard.slice, opts, terms, upstream)
-        return grad, None, None, None, None
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = slice_gradient(local, target, ctx.shard.slice, opts, terms, upstream)
+        grad_target = grad_weight = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            grad_target, grad_weight = _target_and_weight_grads(ctx, local, target, grad_loss)
+        return grad, grad_target, None, grad_weight, None, None
+
+
+def _target_and_weight_grads(
+    ctx: Any, local: torch.Tensor, target: torch.Tensor, grad_loss: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """d(loss)/d(this rank's probability target slice) and d(loss)/d(class weight) (crossent.torch.
+    _weight_grad's formulas with the global log-sum-exp). The class weight's gradient is summed over the
+    ranks' slices by one SUM all-reduce of a (vocab_size,) vector, only when it is wanted."""
+    sl, opts, terms = ctx.shard.slice, ctx.opts, ctx.terms
+    x = local.to(terms.lse.dtype)
+    if opts.softcap is not None:
+        x = opts.softcap * torch.tanh(x / opts.softcap)
+    log_probs = x - terms.lse[:, None]  # (rows, V_local): global log-probabilities of this slice
+    rows = local.shape[0]
+    g = grad_loss.reshape(-1) if opts.reduction == "none" else grad_loss.expand(rows)
+    grad_target = grad_weight = None
+    if ctx.needs_input_grad[1]:
+        w_local = sl.local_weight(log_probs.dtype)
+        scaled = log_probs if w_local is None else log_probs * w_local
+        grad_target = -(1 - opts.label_smoothing) * g.to(log_probs.dtype)[:, None] * scaled
+        if opts.reduction == "mean":
+            grad_target = grad_target * ctx.scale.to(log_probs.dtype)
+        grad_target = grad_target.to(target.dtype)
+    if ctx.needs_input_grad[3] and sl.weight is not None:
+        local_sum = weight_grad_sum(log_probs, target, g, opts, sl.total, sl.start)
+        grad_sum = torch.zeros(sl.total, dtype=local_sum.dtype, device=local_sum.device)
+        grad_sum[sl.start : sl.end] = local_sum
+        dist.all_reduce(grad_sum, op=dist.ReduceOp.SUM, group=ctx.shard.group)
+        grad_weight = finish_weight_grad(grad_sum, target, sl.weight, opts, ctx.normalizer, grad_loss, ctx.loss, rows)
+    return grad_target, grad_weight
 
 
 def vocab_parallel_cross_entropy(
@@ -186,10 +225,11 @@ def vocab_parallel_cross_entropy(
         This rank's first class and the global number of classes; derived (one all-gather, cached)
         when not given.
     weight : Tensor, shape (vocab_size,), optional
-        The global class weights, the same on every rank.
+        The global class weights, the same on every rank. One that requires a gradient gets the whole
+        gradient on every rank (one SUM all-reduce of a (vocab_size,) vector in the backward pass).
     ignore_index, reduction, label_smoothing, z_loss, softcap, normalizer, zero_if_all_ignored
         As for :func:`crossent.cross_entropy`, over the whole vocabulary (label smoothing spreads eps over
-        the global number of classes).
+        the global number of classes). ``ignore_index >= 0`` with probability targets raises ValueError.
 
     Returns
     -------
@@ -207,6 +247,7 @@ def vocab_parallel_cross_entropy(
     if probability and tuple(target.shape) != tuple(local_logits.shape):
         raise ValueError(f"probability targets must have the local logits' shape {tuple(local_logits.shape)}, "
                          f"got {tuple(target.shape)}")  # fmt: skip
+    _validate.check_target_options(probability, opts)
     if not probability and tuple(target.shape) != rows_shape:
         raise ValueError(f"target shape {tuple(target.shape)} does not match the logits' rows {rows_shape}")
     if weight is not None and tuple(weight.shape) != (total,):
@@ -221,7 +262,7 @@ def vocab_parallel_cross_entropy(
     x2 = local_logits.reshape(-1, local_size)
     t2 = target.reshape(-1, local_size) if probability else target.reshape(-1)
     shard = _Shard(VocabSlice(start, end, total, weight), group)
-    loss = _VocabParallelCrossEntropy.apply(x2, t2, norm, shard, opts)
+    loss = _VocabParallelCrossEntropy.apply(x2, t2, norm, weight, shard, opts)
     return loss.reshape(rows_shape) if opts.reduction == "none" else loss
 
 
