@@ -10,7 +10,6 @@ import argparse
 import csv
 import importlib.metadata
 import importlib.util
-import io
 import json
 import os
 import pathlib
@@ -168,7 +167,8 @@ def _as_target(array: np.ndarray, probabilities: bool) -> np.ndarray:
         if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
             bad = next(v for v in np.ravel(array) if not (np.isfinite(v) and v == np.round(v)))
             raise UsageError(
-                f"--target: class indices must be whole numbers, got {float(bad)!r} (use --probabilities for soft targets)"
+                f"--target: class indices must be whole numbers, got {float(bad)!r} "
+                "(use --probabilities for soft targets)"
             )
     return array.astype(np.int64)
 
