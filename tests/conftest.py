@@ -15,6 +15,8 @@ settings.register_profile(
     "ci", derandomize=True, max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The longer exploration, one command: pytest tests/test_differential.py --hypothesis-profile=long
+settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 BACKENDS = ["numpy", "array_api_strict", "torch", "jax"]

@@ -82,7 +82,9 @@ def cross_entropy(
                 denom = torch.where(valid, tw[tt.clamp(min=0) * valid], 0.0).sum()
             loss = per.sum() / denom
             if zero_if_all_ignored and denom == 0:
-                loss = per.sum() * 0.0
+                # crossent's promise: exactly 0, gradient 0, even where a counted element of weight 0 is
+                # NaN (a row of -inf logits); per.sum() * 0 would carry that NaN.
+                loss = (xt * 0).sum().nan_to_num(0.0)
     else:
         loss = per
     grad = None

@@ -181,3 +181,96 @@ def test_bench_thread_scaling_case_reports_best_and_median_ratios():
         assert row["crossent-1thread_ratio"] == row["crossent-1thread_s"] / row["crossent-out_s"]
         assert row["crossent-1thread_median_ratio"] > 0
     assert "tiny (threads)" in format_table(rows)
+
+
+# Issue 16, item 13: what the help promises about array options, a closed pipe, all-ignored targets, info.
+
+
+def _oracle():
+    return pytest.importorskip("oracle")  # torch float64
+
+
+def test_inline_csv_bare_number_and_json_file_as_the_help_promises(tmp_path):
+    (tmp_path / "l.json").write_text("[[1, 2, 3], [3, 2, 1]]")
+    x = np.array([[1.0, 2, 3], [3, 2, 1]])
+    result = run("explain", "--logits", str(tmp_path / "l.json"), "--target", "0,2", "--weight", "1,2,0.5", "--json")
+    assert result.returncode == 0, result.stderr
+    expected = _oracle().cross_entropy(x, np.array([0, 2]), np.array([1, 2, 0.5])).loss
+    assert json.loads(result.stdout)["traces"][0]["loss"] == pytest.approx(float(expected), rel=1e-12)
+    # A bare number is a 0-d target for 1-D logits; '-1,2;...' rows with ';' are not taken for options.
+    result = run("explain", "--logits", "-1,2,0.5", "--target", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    expected = _oracle().cross_entropy(np.array([-1.0, 2, 0.5]), np.array(1)).loss
+    assert json.loads(result.stdout)["traces"][0]["loss"] == pytest.approx(float(expected), rel=1e-12)
+    result = run("explain", "--logits", "-1,2;-inf,1e30", "--target", "0,1", "--reduction", "none", "--json")
+    assert result.returncode == 0, result.stderr
+    expected = _oracle().cross_entropy(np.array([[-1.0, 2], [-np.inf, 1e30]]), np.array([0, 1]), reduction="none").loss
+    np.testing.assert_array_equal(json.loads(result.stdout)["traces"][0]["loss"], expected)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--logits", "1,x,3", "--target", "0"], "--logits: 'x' in '1,x,3' is not a number"),
+        (["--logits", "1,2;3", "--target", "0,0"], "--logits: the rows of '1,2;3' have different lengths [1, 2]"),
+        (["--logits", '[1, "x"]', "--target", "0"], "--logits: expected real numbers: 'x' is not a real number"),
+        (["--logits", "1,2", "--target", "0,y"], "--target: 'y' in '0,y' is not a number"),
+        (["--logits", "1,2", "--target", "0.5"], "class indices must be whole numbers, got 0.5"),
+        (["--logits", "1,2", "--target", "0", "--weight", "1,two"], "--weight: 'two' in '1,two' is not a number"),
+        (["--logits", "1,2", "--target", "0", "--weight", "1,2;3,4"], "--weight: expected one weight per class"),
+        (["--logits", "1,2", "--target", "0", "--weight", "w.npy"], "--weight: no such file 'w.npy'"),
+        (["--logits", "[[1, 2], [3]]", "--target", "0,1"], "--logits: '[[1, 2], [3]]' is not a rectangular array"),
+    ],
+)
+def test_bad_array_values_are_named(args, message):
+    result = run("explain", *args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_closed_pipe_exits_quietly():
+    # `crossent explain --json | head -1`: the reader closes the pipe after the first line.
+    command = [sys.executable, "-m", "crossent", "explain", "--json"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        first = proc.stdout.readline()
+        proc.stdout.close()
+        stderr = proc.stderr.read().decode()
+        code = proc.wait(timeout=120)
+    assert first.strip() == b"{"
+    assert stderr == "" and code == 141  # 128 + SIGPIPE, as a shell reports a tool ended by the pipe
+
+
+def test_every_target_ignored_holds_its_identities_without_warnings():
+    x = np.array([[1.0, 2, 3], [3, 2, 1]])
+    result = run("explain", "--logits", "1,2,3;3,2,1", "--target", "-100,-100", "--json")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert result.stderr == ""
+    trace = json.loads(result.stdout)["traces"][0]
+    expected = _oracle().cross_entropy(x, np.array([-100, -100]))  # loss 0/0 = NaN, gradient 0
+    assert np.isnan(expected.loss) and np.isnan(trace["loss"])
+    assert np.all(expected.grad == 0)
+    gradient = [c for c in trace["checks"] if c["name"].startswith("gradient")]
+    assert len(gradient) == 1 and gradient[0]["holds"] and gradient[0]["difference"] == 0.0
+    assert all(c["holds"] for c in trace["checks"])
+    # A counted target of weight 0 over a total weight of 0 is 0 * (1/0) = NaN in torch; the identity agrees.
+    result = run("explain", "--logits", "1,2,3;3,2,1", "--target", "0,0", "--weight", "0,1,1", "--json")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert all(c["holds"] for c in json.loads(result.stdout)["traces"][0]["checks"])
+
+
+@pytest.mark.parametrize("mode", ["--plain", "rich"])
+def test_info_separates_names_from_values(mode):
+    if mode == "rich":
+        pytest.importorskip("rich")
+    result = run("info", *([mode] if mode == "--plain" else []))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    info = json.loads(run("info", "--json").stdout)
+    for name, version in info["frameworks"].items():
+        line = next(line for line in lines if line.strip().startswith(name + " "))
+        assert line.split()[0] == name and " ".join(line.split()[1:]) == (version or "not installed")
+    for key in ("native", "isa", "available_isas", "omp_num_threads", "buffer_cache"):
+        line = next(line for line in lines if line.startswith(key))
+        assert line[len(key) : len(key) + 2] == "  ", line

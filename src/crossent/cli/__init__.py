@@ -10,9 +10,10 @@ import argparse
 import csv
 import importlib.metadata
 import importlib.util
-import io
 import json
+import os
 import pathlib
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -20,6 +21,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 USAGE_ERROR = 2
+BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE
 
 
 class UsageError(Exception):
@@ -27,58 +29,147 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Values such as '-1,2', '-inf' or '-1e30;3' are arrays, not options (argparse itself only lets
+        # plain negative numbers through); no option of crossent's starts with one dash and a digit.
+        self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf\b|nan\b)", re.IGNORECASE)
+
     def error(self, message: str) -> NoReturn:
         # argparse prints the usage and then the error; one line is what a script can read.
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reading the user's arrays: a file (.npy, .json, .csv) or inline JSON.
+# Reading the user's arrays: a file (.npy, .json, .csv), inline JSON, inline CSV, or a bare number.
+
+ARRAY_FORMATS = (
+    "a .npy, .json or .csv file, inline JSON ('[[1, 2], [3, 4]]'), comma-separated numbers with rows "
+    "separated by ';' ('1,2;3,4'), or a single number"
+)
+_FILE_SUFFIXES = (".npy", ".json", ".csv", ".txt")
+
+
+def _number(cell: str, what: str, source: str) -> int | float:
+    """One CSV cell: an int when it is written as one (class indices), else a float (inf and nan too)."""
+    cell = cell.strip()
+    try:
+        return int(cell)
+    except ValueError:
+        pass
+    try:
+        return float(cell)
+    except ValueError:
+        raise UsageError(f"{what}: {cell!r} in {source!r} is not a number (expected {ARRAY_FORMATS})") from None
+
+
+def _parse_csv(text: str, what: str, source: str, *, inline: bool) -> np.ndarray:
+    """Comma-separated numbers, rows separated by newlines or ';'; one column is read as a vector, and
+    so is one inline line (``0,2``); one inline number is a 0-d array."""
+    lines = [line for line in re.split(r"[;\n]", text) if line.strip()]
+    rows = [[_number(c, what, source) for c in next(csv.reader([line]))] for line in lines]
+    if not rows:
+        raise UsageError(f"{what}: {source!r} holds no numbers (expected {ARRAY_FORMATS})")
+    lengths = sorted({len(r) for r in rows})
+    if len(lengths) > 1:
+        raise UsageError(f"{what}: the rows of {source!r} have different lengths {lengths}")
+    array = np.asarray(rows)
+    if inline and len(rows) == 1 and ";" not in text:
+        return array[0, 0] if array.shape[1] == 1 and "," not in text else array[0]  # '3' or '0,2'
+    return array[:, 0] if array.shape[1] == 1 else array
+
+
+def _parse_json(text: str, what: str, source: str) -> np.ndarray:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{what}: {source!r} is not valid JSON ({err})") from err
+    try:
+        return np.asarray(value)
+    except ValueError as err:  # ragged nesting
+        raise UsageError(f"{what}: {source!r} is not a rectangular array ({err})") from err
 
 
 def load_array(text: str, what: str) -> np.ndarray:
-    """An array from inline JSON (``[[1, 2], [3, 4]]``) or from a .npy, .json or .csv file."""
+    """An array from a .npy, .json or .csv file, inline JSON, inline CSV or a bare number.
+
+    A name that is an existing file is read as that file; text starting with '[' is JSON; anything
+    else is comma-separated numbers (``0,2``, ``1,2;3,4``, ``3``). Errors name the bad value.
+    """
     stripped = text.strip()
-    if stripped.startswith(("[", "-")) or stripped[:1].isdigit():
-        try:
-            return np.asarray(json.loads(stripped))
-        except (json.JSONDecodeError, ValueError) as err:
-            raise UsageError(f"{what}: {text!r} is not valid JSON ({err})") from err
-    path = pathlib.Path(text)
-    if not path.is_file():
-        raise UsageError(f"{what}: no such file {text!r} (expected a .npy, .json or .csv file, or inline JSON)")
+    path = pathlib.Path(stripped) if stripped else None
+    if path is not None and path.is_file():
+        return _load_file(path, text, what)
+    if stripped.startswith("["):
+        return _parse_json(stripped, what, text)
+    if stripped.lower().endswith(_FILE_SUFFIXES) or "/" in stripped or "\\" in stripped:
+        raise UsageError(f"{what}: no such file {text!r} (expected {ARRAY_FORMATS})")
+    if not stripped:
+        raise UsageError(f"{what}: empty value (expected {ARRAY_FORMATS})")
+    return _parse_csv(stripped, what, text, inline=True)
+
+
+def _load_file(path: pathlib.Path, text: str, what: str) -> np.ndarray:
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)
         if suffix == ".json":
-            return np.asarray(json.loads(path.read_text()))
-        if suffix == ".csv":
-            rows = [r for r in csv.reader(io.StringIO(path.read_text())) if r and any(c.strip() for c in r)]
-            values = [[float(c) for c in r] for r in rows]
-            array = np.asarray(values)
-            return array[:, 0] if array.ndim == 2 and array.shape[1] == 1 else array
-    except (OSError, ValueError, json.JSONDecodeError) as err:
+            return _parse_json(path.read_text(), what, text)
+        if suffix in (".csv", ".txt"):
+            return _parse_csv(path.read_text(), what, text, inline=False)
+    except UsageError as err:
+        detail = str(err).removeprefix(f"{what}: ")
+        raise UsageError(f"{what}: cannot read {text!r}: {detail}") from err
+    except (OSError, ValueError) as err:
         raise UsageError(f"{what}: cannot read {text!r}: {err}") from err
     raise UsageError(f"{what}: {text!r} has an unknown format {suffix!r} (expected .npy, .json or .csv)")
 
 
+def _numeric(array: np.ndarray, what: str) -> None:
+    """Refuse anything but real numbers, naming the first value that is not one."""
+    if array.dtype != object and np.issubdtype(array.dtype, np.number) and not np.iscomplexobj(array):
+        return
+
+    def is_number(v: Any) -> bool:
+        if isinstance(v, (bool, np.bool_)) or np.iscomplexobj(v):
+            return False
+        try:
+            float(v)
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    bad = next((v for v in np.ravel(array) if not is_number(v)), None)
+    shown = "" if bad is None else f": {bad.item() if isinstance(bad, np.generic) else bad!r} is not a real number"
+    raise UsageError(f"{what}: expected real numbers{shown}")
+
+
+def _as_weight(array: np.ndarray) -> list[float]:
+    _numeric(array, "--weight")
+    if array.ndim != 1:
+        raise UsageError(f"--weight: expected one weight per class (a 1-D array), got shape {array.shape}")
+    return [float(v) for v in array]
+
+
 def _as_float_logits(array: np.ndarray) -> np.ndarray:
-    if array.dtype == object or not (np.issubdtype(array.dtype, np.number)):
-        raise UsageError(f"--logits: expected numbers, got an array of {array.dtype}")
+    _numeric(array, "--logits")
     if array.ndim == 0:
         raise UsageError("--logits: expected at least one dimension (the classes), got a single number")
     return array.astype(np.float64)
 
 
 def _as_target(array: np.ndarray, probabilities: bool) -> np.ndarray:
-    if array.dtype == object or not np.issubdtype(array.dtype, np.number):
-        raise UsageError(f"--target: expected numbers, got an array of {array.dtype}")
+    _numeric(array, "--target")
     if probabilities:
         return array.astype(np.float64)
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-            raise UsageError("--target: class indices must be whole numbers (use --probabilities for soft targets)")
+            bad = next(v for v in np.ravel(array) if not (np.isfinite(v) and v == np.round(v)))
+            raise UsageError(
+                f"--target: class indices must be whole numbers, got {float(bad)!r} "
+                "(use --probabilities for soft targets)"
+            )
     return array.astype(np.int64)
 
 
@@ -108,7 +199,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from . import render, trace
 
     options = trace.Options(
-        weight=None if args.weight is None else [float(v) for v in np.ravel(load_array(args.weight, "--weight"))],
+        weight=None if args.weight is None else _as_weight(load_array(args.weight, "--weight")),
         ignore_index=args.ignore_index,
         reduction=args.reduction,
         label_smoothing=args.label_smoothing,
@@ -178,14 +269,39 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    width = max(len(k) + 2 for k in [*info, *info["frameworks"]])
-    for key, value in info.items():
-        if key != "frameworks":
-            print(f"{key:<{width}}{value}")
-    print("frameworks:")
-    for name, version in info["frameworks"].items():
-        print(f"  {name:<{width - 2}}{version or 'not installed'}")
+    rows = [(key, str(value)) for key, value in info.items() if key != "frameworks"]
+    frameworks = [(name, version or "not installed") for name, version in info["frameworks"].items()]
+    if not args.plain and importlib.util.find_spec("rich") is not None:
+        _print_info_rich(rows, frameworks)
+    else:
+        print(render_info_plain(rows, frameworks))
     return 0
+
+
+def render_info_plain(rows: list[tuple[str, str]], frameworks: list[tuple[str, str]]) -> str:
+    """Two columns, the names padded to the longest name plus two spaces, so no name runs into its value."""
+    indent = "  "
+    width = max(len(k) for k in [*(k for k, _ in rows), *(indent + k for k, _ in frameworks)]) + 2
+    lines = [f"{key:<{width}}{value}" for key, value in rows]
+    lines.append("frameworks:")
+    lines += [f"{indent + name:<{width}}{version}" for name, version in frameworks]
+    return "\n".join(lines)
+
+
+def _print_info_rich(rows: list[tuple[str, str]], frameworks: list[tuple[str, str]]) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table.grid(padding=(0, 2))  # two spaces between the columns, however long a name is
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(escape(key), escape(value))
+    table.add_row("frameworks:", "")
+    for name, version in frameworks:
+        table.add_row("  " + escape(name), escape(version), style="dim" if version == "not installed" else None)
+    Console().print(table)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,10 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     explain = sub.add_parser("explain", help="the loss computed step by step, with its identities checked")
-    explain.add_argument("--logits", help="logits: a .npy, .json or .csv file, or inline JSON")
+    explain.add_argument("--logits", help="logits: " + ARRAY_FORMATS)
     explain.add_argument("--target", help="class indices (or probabilities, with --probabilities), same formats")
     explain.add_argument("--probabilities", action="store_true", help="the target holds class probabilities")
-    explain.add_argument("--weight", help="a weight per class (inline JSON or a file)")
+    explain.add_argument("--weight", help="a weight per class, same formats")
     explain.add_argument("--ignore-index", type=int, default=-100)
     explain.add_argument("--reduction", choices=["mean", "sum", "none"], default="mean")
     explain.add_argument("--label-smoothing", type=float, default=0.0)
@@ -273,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=cmd_bench)
 
     info = sub.add_parser("info", help="version, kernel, SIMD level, threads, frameworks")
-    info.add_argument("--json", action="store_true")
+    info.add_argument("--json", action="store_true", help="print a machine-readable result")
+    info.add_argument("--plain", action="store_true", help="plain text even when rich is installed")
     info.set_defaults(run=cmd_info)
     return parser
 
@@ -284,7 +401,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "max_rows", 1) is not None and getattr(args, "max_rows", 1) < 1:
         parser.error(f"--max-rows must be at least 1, got {args.max_rows}")
     try:
-        return int(args.run(args))
+        code = int(args.run(args))
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at the interpreter's exit
+        return code
     except UsageError as err:
         print(f"crossent {args.command}: error: {err}", file=sys.stderr)
         return USAGE_ERROR
+    except BrokenPipeError:
+        # The reader went away (``crossent explain --json | head -1``): stop quietly, as a Unix tool does.
+        # Standard output goes to devnull so that Python's final flush does not fail again (the recipe in
+        # Python's documentation of signal, "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE

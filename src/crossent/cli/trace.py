@@ -100,7 +100,18 @@ def build_trace(
     logits: np.ndarray, target: np.ndarray, options: Options, *, title: str, max_rows: int | None = None
 ) -> Trace:
     """Compute the loss of ``logits`` against ``target`` step by step, with the identity checks and the
-    cross-checks against torch and JAX. Raises crossent's own exceptions for bad input."""
+    cross-checks against torch and JAX. Raises crossent's own exceptions for bad input.
+
+    NaN and inf are results here (a mean over no counted target is 0/0), reported in the trace, so NumPy's
+    warnings about them are silenced.
+    """
+    with np.errstate(all="ignore"):
+        return _build_trace(logits, target, options, title=title, max_rows=max_rows)
+
+
+def _build_trace(
+    logits: np.ndarray, target: np.ndarray, options: Options, *, title: str, max_rows: int | None
+) -> Trace:
     logits = np.asarray(logits, dtype=np.float64)
     kwargs = options.kwargs()
     # The public function validates everything first, so bad input fails here with crossent's message.
@@ -198,7 +209,11 @@ def _identity_checks(
         nll_kwargs = {k: kwargs[k] for k in ("ignore_index", "reduction", "axis") if k in kwargs}
         nll = crossent.nll_loss(log_probs, target, kwargs.get("weight"), **nll_kwargs)
         checks.append(Check("CE(x) = NLL(log_softmax(x))", _max_diff(nll, loss), tol))
-        # gradient = (softmax - one-hot) * w[class] / denominator for mean (times 1 for sum and none)
+        # gradient = (softmax - one-hot) * w[class] / denominator for mean (times 1 for sum and none), on
+        # the elements that count; an ignored element contributes nothing, so its gradient is exactly 0.
+        # With every target ignored the mean's denominator is 0 and the loss 0/0 = NaN, but no element
+        # counts: the gradient is 0 everywhere (torch's too). A counted element of weight 0 over a
+        # denominator of 0 is 0 * (1/0) = NaN, as in torch.
         moved = np.moveaxis(logits, axis, -1)
         n_classes = moved.shape[-1]
         t = np.asarray(target)
@@ -207,18 +222,17 @@ def _identity_checks(
         w = np.ones(n_classes) if options.weight is None else np.asarray(options.weight, dtype=np.float64)
         w_y = np.where(valid, w[np.where(valid, t, 0)], 0.0)
         p = np.asarray(crossent.softmax(moved, axis=-1))
-        scale = w_y[..., None]
-        if options.reduction == "mean":
-            scale = scale / np.sum(w_y)
-        expected = np.moveaxis((p - onehot) * scale, -1, axis)
+        scale = w_y / np.sum(w_y) if options.reduction == "mean" else w_y
+        expected = np.moveaxis(np.where(valid[..., None], (p - onehot) * scale[..., None], 0.0), -1, axis)
         checks.append(Check("gradient = (softmax - one-hot) * w[class] / denominator", _max_diff(grad, expected), tol))
     return checks
 
 
 def _max_diff(a: Any, b: Any) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    both_nan = np.isnan(a) & np.isnan(b)
-    return float(np.max(np.where(both_nan, 0.0, np.abs(a - b)), initial=0.0))
+    same = (a == b) | (np.isnan(a) & np.isnan(b))  # equal infinities and NaN against NaN agree
+    with np.errstate(invalid="ignore"):
+        return float(np.max(np.where(same, 0.0, np.abs(a - b)), initial=0.0))
 
 
 def _cross_checks(logits: np.ndarray, target: Any, options: Options, loss: Any) -> list[dict[str, Any]]:
@@ -274,8 +288,10 @@ def _jax_loss(logits: np.ndarray, target: Any, options: Options) -> Any:
         safe = jnp.where(valid, t, 0)
         picked = jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
         w_y = jnp.where(valid, w[safe], 0.0)
-        smooth = -jnp.sum(w * log_probs, axis=-1)
-        per = jnp.where(valid, (1 - eps) * w_y * -picked + eps / n_classes * smooth, 0.0)
+        per = (1 - eps) * w_y * -picked
+        if eps > 0:  # without smoothing there is no such term, not 0 * (a sum that may be inf)
+            per = per + eps / n_classes * -jnp.sum(w * log_probs, axis=-1)
+        per = jnp.where(valid, per, 0.0)
         denom = jnp.sum(w_y)
     if options.reduction == "none":
         return np.asarray(per)
