@@ -22,7 +22,8 @@ import torch
 
 from .. import _native
 from .._validate import LossOptions
-from ._ops import _as_tensor, _numpy_view, _state, cpu_buffer
+from . import _backend
+from ._ops import _as_tensor, _numpy_view, cpu_buffer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +74,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _kernel_view(x: torch.Tensor) -> np.ndarray | None:
     """A NumPy view of (rows, V_slice) compute-dtype logits when the fused CPU kernel takes them."""
-    if x.device.type != "cpu" or x.shape[1] == 0 or _native.extension is None or _state["torch_ops"]:
+    if x.shape[1] == 0 or _backend.resolve(x) != "native":
         return None
     view = _numpy_view(x.contiguous())
     return view if view is not None and _native.supports(view) else None

@@ -1,0 +1,127 @@
+"""The host side of crossent's Triton kernel: layouts, block sizes, the launch, the batch reduction.
+
+Imported only when the Triton backend runs (crossent.torch._backend), so that ``import crossent.torch``
+never imports triton. Every call is asynchronous on a GPU: the mean's denominator and the upstream
+gradient are tensors computed by torch operations, read by the kernel from device memory, and the
+batch sum is ``torch.sum`` over the per-row losses (a fixed order, no atomics): no host
+synchronisation, and the same bits run after run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+
+from ..._validate import LossOptions, LossShape
+from .._reduction import mean_denominator_and_scale, reduce_losses
+from . import kernels
+
+# Whether the kernels were decorated under Triton's interpreter (TRITON_INTERPRET=1 when this module
+# was first imported): they then run on CPU tensors, one program at a time, in NumPy.
+INTERPRETED = type(kernels.cross_entropy_kernel).__name__ == "InterpretedFunction"
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Classes per block. A program holds one block of float32 logits (and as many probabilities, weights
+# and temporaries) in registers: 16384 float32 over 16 warps (512 threads) is 32 values a thread per
+# array, about 5 arrays live at once, so ~160 of the 255 registers a thread may hold. Rows up to this
+# many classes are read once (ONE_BLOCK); longer rows are read in blocks of MAX_BLOCK // 2 = 8192
+# (16 values a thread over 16 warps, leaving room for the two passes' temporaries) twice.
+MAX_BLOCK = 16384
+
+
+def _block(n_classes: int) -> tuple[int, bool, int]:
+    """(BLOCK, ONE_BLOCK, num_warps) for a row of n_classes."""
+    if n_classes <= MAX_BLOCK:
+        block = max(16, triton.next_power_of_2(n_classes))
+        one = True
+    else:
+        block = MAX_BLOCK // 2
+        one = False
+    # 32 float32 a thread per array at most (see MAX_BLOCK): 4 warps up to 4096 classes, 16 at 16384.
+    warps = min(16, max(4, block // 1024))
+    return block, one, warps
+
+
+def check_device(t: torch.Tensor) -> None:
+    """Raise unless the kernels can run on ``t``'s device (a GPU, or the CPU under the interpreter)."""
+    if t.device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError(
+            "crossent.torch.use_backend('triton') got CPU tensors, which Triton runs only under its "
+            "interpreter: set the environment variable TRITON_INTERPRET=1 before crossent's Triton kernels "
+            f"are first used (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} when they were loaded)"
+        )
+    if t.dtype not in DTYPES:
+        raise TypeError(
+            f"crossent's Triton kernel takes float32, bfloat16 or float16 logits, got {t.dtype}; "
+            "use crossent.torch.use_backend('torch') (or 'native' on the CPU) for float64"
+        )
+
+
+def rows_loss_and_grad(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    class_axis: int,
+    opts: LossOptions,
+    upstream: torch.Tensor | None,
+    grad: torch.Tensor | None,
+) -> torch.Tensor:
+    """Per-row float32 losses (shape: the batch, flattened) of contiguous ``x``; with ``grad`` (a
+    tensor like ``x``, possibly ``x`` itself) the gradient for the per-row ``upstream`` (0-d: shared by
+    every row; (rows,): one each, float32) is written there. ``opts`` is taken per row: its reduction,
+    normalizer and zero_if_all_ignored are the caller's business."""
+    check_device(x)
+    n_classes = x.shape[class_axis]
+    inner = math.prod(x.shape[class_axis + 1 :])
+    rows = x.numel() // n_classes if n_classes else math.prod(x.shape[:class_axis]) * inner
+    per_row = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return per_row
+    probability = target.is_floating_point()
+    smooth = opts.label_smoothing > 0
+    if upstream is None:
+        upstream = torch.ones((), dtype=torch.float32, device=x.device)
+    upstream = upstream.to(torch.float32).contiguous()
+    w = None if weight is None else weight.contiguous()
+    w_sum = w.to(torch.float32).sum().reshape(1) if w is not None and smooth and not probability else None
+    block, one, warps = _block(n_classes)
+    kernels.cross_entropy_kernel[(rows,)](
+        x, target.contiguous(), w if w is not None else x, w_sum if w_sum is not None else per_row,
+        upstream, 0 if upstream.ndim == 0 else 1, per_row, grad if grad is not None else x,
+        n_classes, inner, opts.ignore_index, float(opts.label_smoothing), float(opts.z_loss),
+        float(opts.softcap or 0.0),
+        PROB=probability, HAS_WEIGHT=w is not None, SMOOTH=smooth, ZLOSS=opts.z_loss > 0,
+        SOFTCAP=opts.softcap is not None, WRITE_GRAD=grad is not None, ONE_BLOCK=one, BLOCK=block,
+        num_warps=warps,
+    )  # fmt: skip
+    return per_row
+
+
+def loss_and_grad(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    shape: LossShape,
+    opts: LossOptions,
+    compute_grad: bool,
+    *,
+    in_place: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The op's contract (crossent.torch._ops): the reduced loss in the input's dtype and d(loss)/d(input)
+    for a unit upstream gradient per element (for mean: 1 / the denominator, as a tensor). ``in_place``:
+    the gradient overwrites the (contiguous) input."""
+    check_device(input)
+    x = input if in_place else input.contiguous()
+    rows = math.prod(shape.batch_shape)
+    denom, scale = mean_denominator_and_scale(target, weight, opts, rows=rows)
+    grad = (x if in_place else torch.empty_like(x)) if compute_grad else None
+    per_row_opts = opts
+    per_row = rows_loss_and_grad(x, target, weight, shape.class_axis, per_row_opts, scale, grad)
+    per_element = per_row.reshape(shape.batch_shape)
+    if opts.reduction == "none":
+        return per_element.to(input.dtype), grad
+    return reduce_losses(per_element, denom, opts).to(input.dtype), grad
