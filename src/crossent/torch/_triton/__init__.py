@@ -9,8 +9,10 @@ synchronisation, and the same bits run after run.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -19,9 +21,31 @@ from ..._validate import LossOptions, LossShape
 from .._reduction import mean_denominator_and_scale, reduce_losses
 from . import kernels
 
-# Whether the kernels were decorated under Triton's interpreter (TRITON_INTERPRET=1 when this module
-# was first imported): they then run on CPU tensors, one program at a time, in NumPy.
-INTERPRETED = type(kernels.cross_entropy_kernel).__name__ == "InterpretedFunction"
+# Whether Triton runs under its interpreter: TRITON_INTERPRET=1 when triton was first imported (its own
+# library functions, tl.max's and tl.sum's combine functions among them, are decorated then) and when
+# crossent's kernels were. Programs then run on CPU tensors, one at a time, in NumPy.
+INTERPRETED = all(
+    type(f).__name__ == "InterpretedFunction" for f in (kernels.cross_entropy_kernel, triton.language.standard._sum_combine)
+)
+
+
+@contextlib.contextmanager
+def _interpreter_scope(x: torch.Tensor) -> Iterator[None]:
+    """TRITON_INTERPRET=1 for the duration of a launch on CPU tensors: the interpreter reads it while it
+    runs too, and a test may have unset it after loading triton and the kernels."""
+    if x.device.type != "cpu" or os.environ.get("TRITON_INTERPRET") == "1":
+        yield
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -51,8 +75,8 @@ def check_device(t: torch.Tensor) -> None:
     if t.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError(
             "crossent.torch.use_backend('triton') got CPU tensors, which Triton runs only under its "
-            "interpreter: set the environment variable TRITON_INTERPRET=1 before crossent's Triton kernels "
-            f"are first used (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} when they were loaded)"
+            "interpreter: set the environment variable TRITON_INTERPRET=1 before triton is first imported in "
+            "the process (it was not set then, or not when crossent's kernels were first loaded)"
         )
     if t.dtype not in DTYPES:
         raise TypeError(
@@ -88,7 +112,14 @@ def rows_loss_and_grad(
     upstream = upstream.to(torch.float32).contiguous()
     w = None if weight is None else weight.contiguous()
     w_sum = w.to(torch.float32).sum().reshape(1) if w is not None and smooth and not probability else None
+    with _interpreter_scope(x):
+        _launch(x, target, w, w_sum, upstream, per_row, grad, n_classes, inner, opts, probability, smooth)
+    return per_row
+
+
+def _launch(x, target, w, w_sum, upstream, per_row, grad, n_classes, inner, opts, probability, smooth) -> None:
     block, one, warps = _block(n_classes)
+    rows = per_row.numel()
     kernels.cross_entropy_kernel[(rows,)](
         x, target.contiguous(), w if w is not None else x, w_sum if w_sum is not None else per_row,
         upstream, 0 if upstream.ndim == 0 else 1, per_row, grad if grad is not None else x,
@@ -98,7 +129,6 @@ def rows_loss_and_grad(
         SOFTCAP=opts.softcap is not None, WRITE_GRAD=grad is not None, ONE_BLOCK=one, BLOCK=block,
         num_warps=warps,
     )  # fmt: skip
-    return per_row
 
 
 def loss_and_grad(

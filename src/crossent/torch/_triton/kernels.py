@@ -142,9 +142,10 @@ def cross_entropy_kernel(
             w_y = tl.load(weight_ptr + y_safe).to(tl.float32)
         else:
             w_y = 1.0
-        # -log p_y; an out-of-range class (unchecked on a GPU: that would synchronise) gives NaN.
-        nll = tl.where(in_range, (m - x_y) + log_s, float("nan"))
-        coef = (1.0 - eps) * w_y  # gradient: coef * (p_c - [c = y]) + smoothing term
+        nll = (m - x_y) + log_s  # -log p_y
+        # gradient: coef * (p_c - [c = y]) + smoothing term. An out-of-range class (unchecked on a GPU:
+        # that would synchronise the host) makes coef, and so the row's loss and gradient, NaN.
+        coef = tl.where(in_range, (1.0 - eps) * w_y, float("nan"))
         loss = coef * nll
         if SMOOTH:
             if HAS_WEIGHT:
