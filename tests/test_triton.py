@@ -213,25 +213,45 @@ def test_out_of_range_class_still_raises_on_the_cpu():
         ct.cross_entropy(torch.randn(3, 5), torch.tensor([1, 7, 2]))
 
 
+LINEAR_OPTIONS = [{}, {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0}, {"weighted": True, "label_smoothing": 0.2}]
+
+
+@pytest.mark.parametrize("probability", [False, True], ids=["indices", "probabilities"])
 @pytest.mark.parametrize("chunks", [{"chunk_size": 4}, {"chunk_size": 4, "vocab_chunk_size": 4}], ids=["rows", "vocab"])
-@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0}], ids=["defaults", "options"])
-def test_linear_cross_entropy(chunks, options):
+@pytest.mark.parametrize("options", LINEAR_OPTIONS, ids=["defaults", "smoothing,z,cap", "weighted,smoothing"])
+def test_linear_cross_entropy(chunks, options, probability):
+    # vocab_chunk_size=4 over V = 11: slices of 4, 4 and 3 classes combined by crossent.torch._vocab_slices
+    # (the vocabulary-parallel loss's code), each slice's gradient from the Triton slice kernel.
     g = torch.Generator().manual_seed(11)
     x64, W64, b64 = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((9, 6), (11, 6), (11,)))
-    target = torch.randint(0, 11, (9,), generator=g)
-    target[2] = -100
+    if probability:
+        t = torch.rand(9, 11, generator=g, dtype=torch.float64)
+        target = t / t.sum(1, keepdim=True)
+    else:
+        target = torch.randint(0, 11, (9,), generator=g)
+        target[2] = -100
+    options = dict(options)
+    w64 = torch.rand(11, generator=g, dtype=torch.float64) + 0.1 if options.pop("weighted", False) else None
     x, W, b = (t.float().requires_grad_(True) for t in (x64, W64, b64))
-    loss = ct.linear_cross_entropy(x, W, target, linear_bias=b, **chunks, **options)
+    loss = ct.linear_cross_entropy(
+        x, W, target.float() if probability else target, linear_bias=b, weight=None if w64 is None else w64.float(),
+        **chunks, **options,
+    )  # fmt: skip
     loss.backward()
     ref = [t.clone().requires_grad_(True) for t in (x64, W64, b64)]
     logits = ref[0] @ ref[1].T + ref[2]
     cap = options.get("softcap")
     if cap:
         logits = cap * torch.tanh(logits / cap)
-    expected = F.cross_entropy(logits, target, label_smoothing=options.get("label_smoothing", 0.0), reduction="none")
+    smoothing = options.get("label_smoothing", 0.0)
+    expected = F.cross_entropy(logits, target, w64, label_smoothing=smoothing, reduction="none")
+    valid = torch.ones(9, dtype=torch.bool) if probability else target != -100
     z = options.get("z_loss", 0.0)
-    expected = (expected + torch.where(target != -100, z * torch.logsumexp(logits, 1) ** 2, 0.0)).sum()
-    expected = expected / (target != -100).sum()
+    expected = (expected + torch.where(valid, z * torch.logsumexp(logits, 1) ** 2, 0.0)).sum()
+    if probability:
+        expected = expected / 9
+    else:
+        expected = expected / (valid.double() if w64 is None else torch.where(valid, w64[target.clamp(min=0)], 0.0)).sum()
     expected.backward()
     oracle.assert_close(loss.detach().double().numpy(), expected.detach().numpy(), torch.float32, what="loss")
     for name, ours, theirs in zip(("x", "W", "b"), (x, W, b), ref, strict=True):

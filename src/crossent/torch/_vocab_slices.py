@@ -199,6 +199,12 @@ def slice_gradient(
     grad = upstream * (A * softmax(x) - w * t')                   (probability targets, t' smoothed),
     times 1 - tanh(x / cap)^2 with a soft cap; rows that do not count get 0.
     """
+    if _backend.resolve(local) == "triton":  # one launch: the kernel reads the slice once, writes it once
+        from . import _triton
+
+        w = None if sl.weight is None else sl.weight[sl.start : sl.end]
+        grad = _triton.slice_gradient(local, target, sl.start, sl.total, w, opts, terms, upstream, out)
+        return grad if out is not None else grad.to(local.dtype)
     x, tanh_x = _capped(local, opts)
     dtype = x.dtype
     g = torch.where(terms.valid, upstream.to(dtype), torch.zeros_like(terms.A))

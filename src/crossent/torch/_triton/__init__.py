@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import triton
@@ -155,3 +156,37 @@ def loss_and_grad(
     if opts.reduction == "none":
         return per_element.to(input.dtype), grad
     return reduce_losses(per_element, denom, opts).to(input.dtype), grad
+
+
+def slice_gradient(
+    local: torch.Tensor,
+    target: torch.Tensor,
+    start: int,
+    total: int,
+    weight: torch.Tensor | None,
+    opts: LossOptions,
+    terms: Any,
+    upstream: torch.Tensor,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """crossent.torch._vocab_slices.slice_gradient's contract with the kernel: the gradient of one
+    (rows, V_slice) slice of logits from the combined row terms, into ``out`` (any float dtype) or a
+    tensor like ``local``. ``weight``: the slice's class weights."""
+    check_device(local)
+    x = local.contiguous()
+    rows, n_classes = x.shape
+    grad = out if out is not None else torch.empty_like(x)
+    if rows == 0 or n_classes == 0:
+        return grad
+    f32 = [t.to(torch.float32).contiguous() for t in (terms.lse, terms.A, terms.B, terms.fix, upstream)]
+    probability = target.is_floating_point()
+    block = min(MAX_BLOCK // 2, max(16, triton.next_power_of_2(n_classes)))
+    with _interpreter_scope(x):
+        kernels.slice_gradient_kernel[(rows,)](
+            x, target.contiguous(), weight.contiguous() if weight is not None else x, *f32,
+            terms.valid.contiguous(), grad, n_classes, start, float(opts.label_smoothing), total,
+            float(opts.softcap or 0.0),
+            PROB=probability, HAS_WEIGHT=weight is not None, SMOOTH=opts.label_smoothing > 0,
+            SOFTCAP=opts.softcap is not None, BLOCK=block, num_warps=min(16, max(4, block // 1024)),
+        )  # fmt: skip
+    return grad

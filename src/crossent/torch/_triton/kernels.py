@@ -214,3 +214,70 @@ def cross_entropy_kernel(
 
     loss = tl.where(valid, loss, 0.0)
     tl.store(loss_ptr + row, loss)
+
+
+@triton.jit
+def slice_gradient_kernel(
+    x_ptr,  # (rows, V_slice) logits of one vocabulary slice, contiguous, float32/bfloat16/float16
+    target_ptr,  # (rows,) global class indices, or (rows, V_slice) the slice's probabilities
+    weight_ptr,  # (V_slice,) the slice's class weights (HAS_WEIGHT)
+    lse_ptr,  # (rows,) float32 log-sum-exp over the whole vocabulary
+    a_ptr,  # (rows,) float32 coefficient of the softmax
+    b_ptr,  # (rows,) float32 coefficient of the uniform term (times w_c)
+    fix_ptr,  # (rows,) float32 coefficient of the one-hot
+    scale_ptr,  # (rows,) float32 upstream gradient
+    valid_ptr,  # (rows,) bool: the rows that count
+    grad_ptr,  # (rows, V_slice) the gradient (out; may be x_ptr)
+    n_classes,  # V_slice
+    start,  # the slice's first global class
+    eps,
+    total,  # the whole vocabulary's size (for the smoothed probabilities)
+    softcap,
+    PROB: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One slice's share of the gradient from the combined statistics (crossent.torch._vocab_slices):
+    scale * (A p_c - B w_c - fix [c = y]) for class indices, scale * (A p_c - w_c t'_c) for
+    probabilities, p_c = exp(x_c - lse) with the whole vocabulary's lse; times 1 - tanh^2 under a cap."""
+    row = tl.program_id(0).to(tl.int64)
+    base = row * n_classes
+    lse = tl.load(lse_ptr + row)
+    valid = tl.load(valid_ptr + row) != 0
+    g = tl.where(valid, tl.load(scale_ptr + row), 0.0)
+    A = tl.load(a_ptr + row) * g
+    if PROB:
+        y_local = -1
+        B = 0.0
+        fix = 0.0
+    else:
+        y_local = tl.load(target_ptr + row).to(tl.int64) - start
+        B = tl.load(b_ptr + row) * g
+        fix = tl.load(fix_ptr + row) * g
+    for block_start in range(0, n_classes, BLOCK):
+        cols = block_start + tl.arange(0, BLOCK)
+        mask = cols < n_classes
+        offsets = base + cols
+        x, th = _load_logits(x_ptr, offsets, mask, softcap, SOFTCAP)
+        p = tl.exp(x - lse)  # NaN where lse is -inf (no finite logit in the vocabulary), as the reference
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        else:
+            w = 1.0
+        d = A * p
+        if PROB:
+            t = tl.load(target_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            if SMOOTH:
+                t = (1.0 - eps) * t + eps / total
+            d -= g * (w * t)
+        else:
+            if SMOOTH:
+                d -= B * w
+            d -= tl.where(cols == y_local, fix, 0.0)
+        if SOFTCAP:
+            d = d * ((1.0 - th) * (1.0 + th))
+        # where, not the 0 in g: a row that does not count may hold NaN and must still get exactly 0.
+        d = tl.where(valid, d, 0.0)
+        tl.store(grad_ptr + offsets, d.to(grad_ptr.dtype.element_ty), mask=mask)
