@@ -83,6 +83,7 @@ class Row:
     tflop_per_s: float | None = None
     flops_share: float | None = None
     peak_memory_mib: float | None = None
+    loss_rel_diff: float | None = None  # |crossent - torch| / |torch| of the loss (a sanity check, not a test)
     skipped: str | None = None
 
 
@@ -175,8 +176,12 @@ def bench_logits(shapes, dtypes, device, repeats, peak_bw) -> list[Row]:
                         row.skipped = f"{type(error).__name__}: {error}"[:200]
                         continue
                     x = x0.detach().clone().requires_grad_(mode != "forward")
+                    if impl == "crossent" and mode == "forward":
+                        with torch.no_grad():
+                            expected = F.cross_entropy(x0.float(), y)
+                            row.loss_rel_diff = float((loss_fn(x0, y).float() - expected).abs() / expected.abs())
 
-                    def run(loss_fn=loss_fn, x=x, mode=mode):
+                    def run(loss_fn=loss_fn, x=x, y=y, mode=mode):
                         if mode == "forward":
                             with torch.no_grad():
                                 return loss_fn(x, y)
@@ -289,6 +294,8 @@ def _format(row: Row) -> str:
         text += f" ({100 * row.flops_share:5.1f}% of bf16 peak)"
     if row.peak_memory_mib is not None:
         text += f" peak +{row.peak_memory_mib:.1f} MiB"
+    if row.loss_rel_diff is not None:
+        text += f" (loss vs torch float32: {row.loss_rel_diff:.1e} relative)"
     return text
 
 

@@ -113,7 +113,9 @@ def test_option_grid_float32(shape, options, probability):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("probability", [False, True], ids=["indices", "probabilities"])
-@pytest.mark.parametrize("options", [{}, {"weighted": True, "label_smoothing": 0.1, "z_loss": 1e-3}], ids=["defaults", "all"])
+@pytest.mark.parametrize(
+    "options", [{}, {"weighted": True, "label_smoothing": 0.1, "z_loss": 1e-3}], ids=["defaults", "all"]
+)
 def test_half_precision(dtype, probability, options):
     x, target = _problem((7, 1000), 1, probability=probability, seed=2)
     _check(x, target, dtype, **options)
@@ -213,7 +215,11 @@ def test_out_of_range_class_still_raises_on_the_cpu():
         ct.cross_entropy(torch.randn(3, 5), torch.tensor([1, 7, 2]))
 
 
-LINEAR_OPTIONS = [{}, {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0}, {"weighted": True, "label_smoothing": 0.2}]
+LINEAR_OPTIONS = [
+    {},
+    {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0},
+    {"weighted": True, "label_smoothing": 0.2},
+]
 
 
 @pytest.mark.parametrize("probability", [False, True], ids=["indices", "probabilities"])
@@ -251,7 +257,9 @@ def test_linear_cross_entropy(chunks, options, probability):
     if probability:
         expected = expected / 9
     else:
-        expected = expected / (valid.double() if w64 is None else torch.where(valid, w64[target.clamp(min=0)], 0.0)).sum()
+        expected = (
+            expected / (valid.double() if w64 is None else torch.where(valid, w64[target.clamp(min=0)], 0.0)).sum()
+        )
     expected.backward()
     oracle.assert_close(loss.detach().double().numpy(), expected.detach().numpy(), torch.float32, what="loss")
     for name, ours, theirs in zip(("x", "W", "b"), (x, W, b), ref, strict=True):

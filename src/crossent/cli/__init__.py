@@ -7,12 +7,12 @@ one line on standard error that says what is wrong, and exit code 2; never a tra
 from __future__ import annotations
 
 import argparse
-import os
 import csv
 import importlib.metadata
 import importlib.util
 import io
 import json
+import os
 import pathlib
 import sys
 from collections.abc import Sequence

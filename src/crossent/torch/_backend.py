@@ -57,9 +57,7 @@ class use_backend:
     def __enter__(self) -> use_backend:
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         _state["backend"] = self.previous
 
 
@@ -90,7 +88,9 @@ def resolve(x: torch.Tensor) -> str:
     if name == "native" and device != "cpu":
         raise RuntimeError(f"crossent.torch.use_backend('native') runs on CPU tensors only, got a {device} tensor")
     if name == "native" and _native.extension is None:
-        raise RuntimeError(f"crossent.torch.use_backend('native'): the native kernel is not built ({_native.load_error})")
+        raise RuntimeError(
+            f"crossent.torch.use_backend('native'): the native kernel is not built ({_native.load_error})"
+        )
     if name == "triton":
         if not triton_importable():
             raise RuntimeError("crossent.torch.use_backend('triton'): triton is not installed (pip install triton)")

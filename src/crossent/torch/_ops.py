@@ -2,9 +2,9 @@
 
 ``crossent::cross_entropy`` returns the loss and, when the input needs a gradient, d(loss)/d(input)
 computed in the same sweep (the upstream gradient is applied in backward, as a scale). CPU tensors run
-the native kernel on zero-copy NumPy views; other devices, or every device under
-``use_backend("torch")``, run the Array-API reference on row chunks, so that no temporary is larger than one chunk; CUDA/ROCm tensors run crossent's Triton
-kernel. crossent.torch._backend chooses (see ``use_backend``).
+the native kernel on zero-copy NumPy views, CUDA/ROCm tensors crossent's Triton kernel; other devices,
+or every device under ``use_backend("torch")``, run the Array-API reference on row chunks, so that no
+temporary is larger than one chunk. crossent.torch._backend chooses (see ``use_backend``).
 """
 
 import dataclasses
@@ -21,7 +21,6 @@ from .. import _memory, _native, _reference, _validate
 from .._validate import LossOptions, LossShape
 from . import _backend
 from ._reduction import mean_denominator_and_scale, reduce_losses
-
 
 # Elements per chunk of the torch-ops path: its temporaries (float32 logits, probabilities, one-hot)
 # are a few times this, 2^22 elements = 16 MiB of float32 each, small next to any input worth chunking.

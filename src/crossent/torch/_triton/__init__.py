@@ -26,7 +26,8 @@ from . import kernels
 # library functions, tl.max's and tl.sum's combine functions among them, are decorated then) and when
 # crossent's kernels were. Programs then run on CPU tensors, one at a time, in NumPy.
 INTERPRETED = all(
-    type(f).__name__ == "InterpretedFunction" for f in (kernels.cross_entropy_kernel, triton.language.standard._sum_combine)
+    type(f).__name__ == "InterpretedFunction"
+    for f in (kernels.cross_entropy_kernel, triton.language.standard._sum_combine)
 )
 
 
