@@ -140,12 +140,14 @@ def test_spatial_layout_with_probabilities():
     _check(x, target, torch.float32, weighted=True, label_smoothing=0.1)
 
 
-@pytest.mark.parametrize("max_block", [16384, 1024], ids=["one block", "blocks of 512"])
+@pytest.mark.parametrize("blocks", [None, (1024, 512)], ids=["one block", "blocks of 512"])
 @pytest.mark.parametrize("probability", [False, True], ids=["indices", "probabilities"])
-def test_2049_classes_across_block_edges(monkeypatch, max_block, probability):
+def test_2049_classes_across_block_edges(monkeypatch, blocks, probability):
     # 2049 = 4 * 512 + 1: with blocks of 512 the last block holds one class; in one block of 4096, 2047
     # lanes are padding.
-    monkeypatch.setattr(_triton, "MAX_BLOCK", max_block)
+    if blocks:
+        monkeypatch.setattr(_triton, "MAX_BLOCK", blocks[0])
+        monkeypatch.setattr(_triton, "LOOP_BLOCK", blocks[1])
     x, target = _problem((3, 2049), 1, probability=probability, seed=6)
     if not probability:
         target[0] = 2048  # the class alone in the last block
@@ -160,10 +162,12 @@ def test_all_ignored_batch(reduction, zero_if_all_ignored):
     _check(x, target, torch.float32, reduction=reduction, zero_if_all_ignored=zero_if_all_ignored)
 
 
-@pytest.mark.parametrize("max_block", [16384, 4], ids=["one block", "blocks of 2"])
+@pytest.mark.parametrize("blocks", [None, (4, 2)], ids=["one block", "blocks of 2"])
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-2}], ids=["defaults", "smoothing,z"])
-def test_rows_with_infinite_logits(monkeypatch, max_block, options):
-    monkeypatch.setattr(_triton, "MAX_BLOCK", max_block)
+def test_rows_with_infinite_logits(monkeypatch, blocks, options):
+    if blocks:
+        monkeypatch.setattr(_triton, "MAX_BLOCK", blocks[0])
+        monkeypatch.setattr(_triton, "LOOP_BLOCK", blocks[1])
     x = torch.randn(5, 7, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     x[0, :3] = -torch.inf  # some -inf (a whole first block of 2 among them), the target finite
     x[1, 2] = -torch.inf  # the target's logit is -inf: an infinite loss
@@ -318,3 +322,55 @@ def test_cpu_tensors_without_the_interpreter_raise_a_clear_error():
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
     assert "TRITON_INTERPRET=1" in run.stderr, run.stderr[-2000:]
+
+
+_COMPILE_FOR_A_GPU = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from crossent.torch._triton import kernels
+
+main = {"x_ptr": "*bf16", "target_ptr": "*i64", "weight_ptr": "*fp32", "weight_sum_ptr": "*fp32",
+        "upstream_ptr": "*fp32", "upstream_stride": "i32", "loss_ptr": "*fp32", "grad_ptr": "*bf16",
+        "n_classes": "i32", "inner": "i32", "ignore_index": "i32", "eps": "fp32", "z_loss": "fp32",
+        "softcap": "fp32"}
+every = {"HAS_WEIGHT": True, "SMOOTH": True, "ZLOSS": True, "SOFTCAP": True}
+none = {"HAS_WEIGHT": False, "SMOOTH": False, "ZLOSS": False, "SOFTCAP": False}
+sliced = {"x_ptr": "*fp16", "target_ptr": "*i64", "weight_ptr": "*fp32", "lse_ptr": "*fp32", "a_ptr": "*fp32",
+          "b_ptr": "*fp32", "fix_ptr": "*fp32", "scale_ptr": "*fp32", "valid_ptr": "*i1", "grad_ptr": "*fp32",
+          "n_classes": "i32", "start": "i32", "eps": "fp32", "total": "i32", "softcap": "fp32"}
+variants = [
+    (kernels.cross_entropy_kernel, main, dict(PROB=False, WRITE_GRAD=True, ONE_BLOCK=True, BLOCK=4096, **every), 8),
+    (kernels.cross_entropy_kernel, {**main, "target_ptr": "*bf16"},
+     dict(PROB=True, WRITE_GRAD=True, ONE_BLOCK=False, BLOCK=4096, **every), 8),
+    # Triton passes integer arguments equal to 1 as constants: a row of one class, classes last.
+    (kernels.cross_entropy_kernel, main,
+     dict(PROB=False, WRITE_GRAD=False, ONE_BLOCK=True, BLOCK=16, n_classes=1, inner=1, upstream_stride=1, **none), 4),
+    (kernels.slice_gradient_kernel, sliced,
+     dict(PROB=False, HAS_WEIGHT=True, SMOOTH=True, SOFTCAP=True, BLOCK=4096), 8),
+]
+for fn, signature, constants, warps in variants:
+    signature = {**signature, **{name: "constexpr" for name in constants}}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    assert compiled.asm["cubin"], fn
+print("compiled", len(variants))
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_a_gpu():
+    # The interpreter runs the kernels' Python, not Triton's compiler: code that only fails to compile
+    # (types, constants) would pass above. Compiling for sm_90 needs no GPU (Triton ships ptxas); it
+    # must run without TRITON_INTERPRET, so in a subprocess.
+    import crossent
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (os.path.dirname(os.path.dirname(crossent.__file__)), env.get("PYTHONPATH")) if p
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_A_GPU], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0 and "compiled 4" in run.stdout, run.stderr[-3000:]

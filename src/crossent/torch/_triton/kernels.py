@@ -90,7 +90,7 @@ def cross_entropy_kernel(
     outer = row // inner
     base = outer * n_classes * inner + (row - outer * inner)  # int64 offsets
     cols0 = tl.arange(0, BLOCK)
-    C = n_classes.to(tl.float32)
+    C = n_classes * 1.0  # float32 (not .to(): Triton passes an integer argument equal to 1 as a constant)
 
     # Pass 1: online max and sum of exponentials over the row (and sum_c w_c t'_c for probabilities).
     m = tl.full((), float("-inf"), tl.float32)
