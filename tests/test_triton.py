@@ -162,6 +162,9 @@ def test_all_ignored_batch(reduction, zero_if_all_ignored):
     _check(x, target, torch.float32, reduction=reduction, zero_if_all_ignored=zero_if_all_ignored)
 
 
+@pytest.mark.filterwarnings(
+    "ignore:invalid value:RuntimeWarning", "ignore:divide by zero:RuntimeWarning"
+)  # NumPy's, inside the interpreter
 @pytest.mark.parametrize("blocks", [None, (4, 2)], ids=["one block", "blocks of 2"])
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-2}], ids=["defaults", "smoothing,z"])
 def test_rows_with_infinite_logits(monkeypatch, blocks, options):
