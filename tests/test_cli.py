@@ -122,7 +122,8 @@ def test_info_reports_kernel_and_frameworks():
     info = json.loads(result.stdout)
     assert info["crossent"] == crossent.__version__
     assert info["native"] == crossent.config()["native"]
-    assert info["threads"] >= 1 and "numpy" in info["frameworks"]
+    assert info["threads"] >= 1 and "numpy" in info["frameworks"] and "triton" in info["frameworks"]
+    assert isinstance(info["gpu"], str)
     text = run("info").stdout
     assert "isa" in text and "frameworks:" in text
 

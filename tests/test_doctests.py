@@ -13,6 +13,7 @@ MODULES = [
     "crossent._config",
     "crossent.torch._functional",
     "crossent.torch._linear",
+    "crossent.torch._backend",
 ]
 
 

@@ -16,7 +16,7 @@ PATHS = ["native", "torch-ops"]
 
 
 def _path(name):
-    return ct.use_torch_ops(name == "torch-ops")
+    return ct.use_backend("torch" if name == "torch-ops" else "native")
 
 
 def _problem(shape, class_axis, dtype, *, probability, ignore, seed=0):

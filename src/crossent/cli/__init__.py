@@ -249,6 +249,26 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _gpu_info(versions: dict[str, str | None]) -> str:
+    """The GPUs torch sees and what crossent.torch runs on them (imports torch, only here)."""
+    triton = versions.get("triton")
+    if triton is None:
+        kernels = "torch ops (triton is not installed)"
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        kernels = f"Triton {triton} under its interpreter (TRITON_INTERPRET=1: CPU tensors too, slowly)"
+    else:
+        kernels = f"Triton {triton} kernels"
+    if versions.get("torch") is None:
+        return f"unknown (torch is not installed); crossent.torch would run {kernels}"
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"none visible to torch; on CUDA/ROCm crossent.torch runs {kernels}"
+    runtime = f"ROCm {torch.version.hip}" if torch.version.hip else f"CUDA {torch.version.cuda}"
+    names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    return f"{names} ({runtime}); crossent.torch runs {kernels}"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import crossent
 
@@ -259,6 +279,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             ("numpy", "numpy"),
             ("torch", "torch"),
             ("jax", "jax"),
+            ("triton", "triton"),
             ("cupy", "cupy"),
             ("array_api_strict", "array-api-strict"),
             ("array_api_compat", "array-api-compat"),
@@ -266,6 +287,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             ("matplotlib", "matplotlib"),
         ]
     }
+    info["gpu"] = _gpu_info(info["frameworks"])
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

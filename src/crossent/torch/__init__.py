@@ -3,10 +3,10 @@ the fused linear + cross-entropy loss for large vocabularies. Import it on purpo
 ``import crossent.torch`` (``import crossent`` never imports torch).
 """
 
+from ._backend import use_backend
 from ._functional import cross_entropy, nll_loss
 from ._linear import linear_cross_entropy
 from ._modules import CrossEntropyLoss, LinearCrossEntropyLoss, NLLLoss
-from ._ops import use_torch_ops
 
 __all__ = [
     "CrossEntropyLoss",
@@ -15,5 +15,5 @@ __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
     "nll_loss",
-    "use_torch_ops",
+    "use_backend",
 ]

@@ -45,10 +45,16 @@ def cross_entropy(
     r"""``torch.nn.functional.cross_entropy``, computed by crossent, with autograd.
 
     The same signature and defaults as torch's, plus crossent's keyword-only extras (see
-    :func:`crossent.cross_entropy`). CPU tensors run the fused native kernel without copies; other
-    devices run a torch implementation of the same semantics on row chunks. float16 and bfloat16 are
-    computed in float32. The op is registered with ``torch.library``, so ``torch.compile(fullgraph=True)``
-    traces it without a graph break.
+    :func:`crossent.cross_entropy`). CPU tensors run the fused native kernel without copies; CUDA and
+    ROCm tensors crossent's fused Triton kernel (loss and gradient in one launch, no host
+    synchronisation); other devices a torch implementation of the same semantics on row chunks
+    (:func:`crossent.torch.use_backend` chooses another). float16 and bfloat16 are computed in float32.
+    The op is registered with ``torch.library``, so ``torch.compile(fullgraph=True)`` traces it without
+    a graph break.
+
+    Class indices out of range raise ``IndexError`` for CPU tensors; on a GPU, where checking would
+    synchronise the host, the Triton kernel gives NaN for that row's loss and gradient (and so for a
+    reduced loss).
 
     ``inplace_backward=True`` saves the input-sized gradient: the forward overwrites the logits with
     d(loss)/d(logits), which the backward scales in place. Use it when nothing else needs the logits

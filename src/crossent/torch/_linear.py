@@ -1,8 +1,8 @@
 """The output layer fused with the loss: cross_entropy(input @ W.T + b, target) without the N x V logits.
 
 Rows are processed in chunks: for each, the chunk's logits (rows x V) are computed into one buffer, the
-loss comes from the fused kernel (CPU) or the torch-ops path, which writes d(loss)/d(logits) over the
-logits, and the chunk's share of the gradients is accumulated at once: dx = dlogits @ W,
+loss comes from the fused kernel (native on CPU, Triton on GPUs) or the torch-ops path, which writes
+d(loss)/d(logits) over the logits, and the chunk's share of the gradients is accumulated at once: dx = dlogits @ W,
 dW += dlogits.T @ x (in float32), db += sum(dlogits). Only one chunk's logits are ever held. Ignored
 rows are dropped before the matmul. Half-precision inputs on a CPU without half-precision matrix
 instructions are multiplied in float32, a block of the weight at a time (see _matmul_dtype).
@@ -18,10 +18,10 @@ import torch
 
 from .. import _native, _validate
 from .._validate import LossOptions, LossShape
+from . import _backend
 from ._ops import (
     _as_tensor,
     _numpy_view,
-    _state,
     _torch_loss_and_grad,
     checked_class_indices,
     cpu_buffer,
@@ -78,7 +78,13 @@ def _chunk_loss(
     upstream * d(loss_row)/d(logits) is written over the logits (the kernel reads each row before it
     writes it)."""
     shape = LossShape(1, logits.shape[1], (logits.shape[0],), target.is_floating_point())
-    if _native.extension is not None and logits.device.type == "cpu" and not _state["torch_ops"]:
+    backend = _backend.resolve(logits)
+    if backend == "triton":  # the gradient written over the logits in the same launch
+        from . import _triton
+
+        scale = None if upstream is None else upstream.to(torch.float32)
+        return _triton.rows_loss_and_grad(logits, target, weight, 1, opts, scale, None if scale is None else logits)
+    if backend == "native":
         x, t = _numpy_view(logits), _numpy_view(target.contiguous())
         if x is not None and t is not None and _native.supports(x):
             w = None if weight is None else _numpy_view(weight)

@@ -2,15 +2,15 @@
 
 ``crossent::cross_entropy`` returns the loss and, when the input needs a gradient, d(loss)/d(input)
 computed in the same sweep (the upstream gradient is applied in backward, as a scale). CPU tensors run
-the native kernel on zero-copy NumPy views; other devices, or every device when ``use_torch_ops`` is
-on, run the Array-API reference on row chunks, so that no temporary is larger than one chunk.
+the native kernel on zero-copy NumPy views, CUDA/ROCm tensors crossent's Triton kernel; other devices,
+or every device under ``use_backend("torch")``, run the Array-API reference on row chunks, so that no
+temporary is larger than one chunk. crossent.torch._backend chooses (see ``use_backend``).
 """
 
-import contextlib
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Optional
 
 import array_api_compat.torch as xp_torch
@@ -19,22 +19,9 @@ import torch
 
 from .. import _memory, _native, _reference, _validate
 from .._validate import LossOptions, LossShape
+from . import _backend
 from ._reduction import mean_denominator_and_scale, reduce_losses
 from ._weight_grad import cross_entropy_weight_grad
-
-_state = {"torch_ops": False}
-
-
-@contextlib.contextmanager
-def use_torch_ops(enabled: bool = True) -> Iterator[None]:
-    """Run the torch-ops implementation even for CPU tensors (the tests compare it with the kernel)."""
-    previous = _state["torch_ops"]
-    _state["torch_ops"] = enabled
-    try:
-        yield
-    finally:
-        _state["torch_ops"] = previous
-
 
 # Elements per chunk of the torch-ops path: its temporaries (float32 logits, probabilities, one-hot)
 # are a few times this, 2^22 elements = 16 MiB of float32 each, small next to any input worth chunking.
@@ -58,9 +45,8 @@ def _native_loss_and_grad(
     compute_grad: bool, *, in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:  # fmt: skip
     """The native kernel on zero-copy views, or None where it does not apply. ``in_place``: the gradient
-    overwrites the (contiguous, classes-last) input, and the input is returned as it."""
-    if _native.extension is None or input.device.type != "cpu" or _state["torch_ops"]:
-        return None
+    overwrites the (contiguous, classes-last) input, and the input is returned as it. The caller has
+    chosen the native backend (crossent.torch._backend)."""
     x = _numpy_view(input if in_place else input.contiguous())
     if x is None or not _native.supports(x):
         return None
@@ -128,6 +114,32 @@ def _torch_loss_and_grad(
     if opts.reduction == "none":
         return per_element, grad
     return reduce_losses(per_element, denom, opts).to(input.dtype), grad
+
+
+def compute_loss_and_grad(
+    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, shape: LossShape, opts: LossOptions,
+    compute_grad: bool, *, in_place: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """(loss, gradient for a unit upstream gradient per element) from the backend crossent.torch._backend
+    chooses. ``in_place``: write the gradient over the (contiguous) input where the backend can, and
+    return the input as the gradient then; the caller copies it over otherwise."""
+    backend = _backend.resolve(input)
+    if backend == "native":
+        run_opts = opts
+        if isinstance(opts.normalizer, torch.Tensor):  # reading a CPU tensor costs no synchronisation
+            run_opts = dataclasses.replace(opts, normalizer=float(opts.normalizer))
+        native_in_place = in_place and shape.class_axis == input.ndim - 1
+        result = _native_loss_and_grad(input, target, weight, shape, run_opts, compute_grad, in_place=native_in_place)
+        if result is not None:
+            return result
+        if _backend.explicit():
+            raise _backend.native_unavailable(f"it does not take {input.dtype} tensors (bfloat16 needs ml_dtypes)")
+        backend = "torch"
+    if backend == "triton":
+        from . import _triton
+
+        return _triton.loss_and_grad(input, target, weight, shape, opts, compute_grad, in_place=in_place)
+    return _torch_loss_and_grad(input, target, weight, shape, opts, compute_grad)
 
 
 def loss_options(**options: Any) -> LossOptions:
@@ -203,12 +215,7 @@ def cross_entropy_op(
     if not shape.probability_target and input.device.type == "cpu":
         # Reading target values is free on the CPU; on an accelerator it would synchronise the host.
         _validate.check_class_indices(xp_torch, target, shape.n_classes, ignore_index)
-    if opts.normalizer is not None and input.device.type == "cpu" and not _state["torch_ops"]:
-        opts = dataclasses.replace(opts, normalizer=float(opts.normalizer))
-    result = _native_loss_and_grad(input, target, weight, shape, opts, compute_grad)
-    if result is None:
-        result = _torch_loss_and_grad(input, target, weight, shape, opts, compute_grad)
-    loss, grad = result
+    loss, grad = compute_loss_and_grad(input, target, weight, shape, opts, compute_grad)
     return loss.clone() if loss._base is not None else loss, grad if grad is not None else input.new_empty(0)
 
 
@@ -333,8 +340,9 @@ def first_derivative_only(name: str) -> Callable[[Callable[..., Any]], Callable[
 class InplaceBackward(torch.autograd.Function):
     """cross_entropy with ``inplace_backward=True``: the forward writes d(loss)/d(input) (for a unit
     upstream gradient) over the input, and the backward scales it there. No input-sized gradient is
-    allocated: on CPU, for classes on the last axis, the kernel writes each row's gradient over the row
-    it has just read (from a per-thread copy); elsewhere the gradient is computed and then copied over.
+    allocated: the native kernel (CPU, classes on the last axis) writes each row's gradient over the row
+    it has just read (from a per-thread copy), the Triton kernel writes it over the logits it read (any
+    layout); elsewhere the gradient is computed and then copied over.
 
     The input's version counter is bumped, so that autograd raises if another operation saved the
     logits for its own backward. Eager mode only; the backward may run once.
@@ -343,20 +351,11 @@ class InplaceBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
                 shape: LossShape, opts: LossOptions) -> torch.Tensor:  # fmt: skip
-        run_opts = opts
         if not shape.probability_target and input.device.type == "cpu":
             _validate.check_class_indices(xp_torch, target, shape.n_classes, opts.ignore_index)
-        if isinstance(opts.normalizer, torch.Tensor) and input.device.type == "cpu" and not _state["torch_ops"]:
-            run_opts = dataclasses.replace(opts, normalizer=float(opts.normalizer))
-        rows_layout = shape.class_axis == input.ndim - 1 and input.is_contiguous()
-        result = (
-            _native_loss_and_grad(input, target, weight, shape, run_opts, True, in_place=True) if rows_layout else None
-        )
-        if result is None:
-            result = _native_loss_and_grad(input, target, weight, shape, run_opts, True)
-            if result is None:
-                result = _torch_loss_and_grad(input, target, weight, shape, opts, True)
-            assert result[1] is not None
+        result = compute_loss_and_grad(input, target, weight, shape, opts, True, in_place=input.is_contiguous())
+        assert result[1] is not None
+        if result[1] is not input:
             input.detach().copy_(result[1])
         torch.autograd.graph.increment_version(input)
         ctx.buffer = input.detach()  # the gradient now lives in the input's memory

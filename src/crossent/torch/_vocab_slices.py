@@ -22,7 +22,8 @@ import torch
 
 from .. import _native
 from .._validate import LossOptions
-from ._ops import _as_tensor, _numpy_view, _state, cpu_buffer
+from . import _backend
+from ._ops import _as_tensor, _numpy_view, cpu_buffer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +74,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _kernel_view(x: torch.Tensor) -> np.ndarray | None:
     """A NumPy view of (rows, V_slice) compute-dtype logits when the fused CPU kernel takes them."""
-    if x.device.type != "cpu" or x.shape[1] == 0 or _native.extension is None or _state["torch_ops"]:
+    if x.shape[1] == 0 or _backend.resolve(x) != "native":
         return None
     view = _numpy_view(x.contiguous())
     return view if view is not None and _native.supports(view) else None
@@ -202,6 +203,12 @@ def slice_gradient(
     grad = upstream * (A * softmax(x) - w * t')                   (probability targets, t' smoothed),
     times 1 - tanh(x / cap)^2 with a soft cap; rows that do not count get 0.
     """
+    if _backend.resolve(local) == "triton":  # one launch: the kernel reads the slice once, writes it once
+        from . import _triton
+
+        w = None if sl.weight is None else sl.weight[sl.start : sl.end]
+        grad = _triton.slice_gradient(local, target, sl.start, sl.total, w, opts, terms, upstream, out)
+        return grad if out is not None else grad.to(local.dtype)
     x, tanh_x = _capped(local, opts)
     dtype = x.dtype
     g = torch.where(terms.valid, upstream.to(dtype), torch.zeros_like(terms.A))

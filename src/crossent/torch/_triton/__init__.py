@@ -1,0 +1,206 @@
+"""The host side of crossent's Triton kernel: layouts, block sizes, the launch, the batch reduction.
+
+Imported only when the Triton backend runs (crossent.torch._backend), so that ``import crossent.torch``
+never imports triton. Every call is asynchronous on a GPU: the mean's denominator and the upstream
+gradient are tensors computed by torch operations, read by the kernel from device memory, and the
+batch sum is ``torch.sum`` over the per-row losses (a fixed order, no atomics): no host
+synchronisation, and the same bits run after run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import triton
+
+from ..._validate import LossOptions, LossShape
+from .._reduction import mean_denominator_and_scale, reduce_losses
+from . import kernels
+
+# Whether Triton runs under its interpreter: TRITON_INTERPRET=1 when triton was first imported (its own
+# library functions, tl.max's and tl.sum's combine functions among them, are decorated then) and when
+# crossent's kernels were. Programs then run on CPU tensors, one at a time, in NumPy.
+INTERPRETED = all(
+    type(f).__name__ == "InterpretedFunction"
+    for f in (kernels.cross_entropy_kernel, triton.language.standard._sum_combine)
+)
+
+
+@contextlib.contextmanager
+def _launch_scope(x: torch.Tensor) -> Iterator[None]:
+    """Where a launch runs: on a GPU, the tensor's device made current (Triton launches on the current
+    device, which need not be the tensor's); on the CPU, TRITON_INTERPRET=1 for the duration of the
+    launch (the interpreter reads it while it runs too, and a test may have unset it after loading
+    triton and the kernels)."""
+    if x.device.type != "cpu":
+        with torch.cuda.device(x.device):
+            yield
+        return
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        yield
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Classes per block, and warps per program. A program holds a block of float32 values per live array
+# (logits, tanh for the soft cap, weights, probabilities, the gradient being formed) spread over its
+# threads; 16 values a thread per array (BLOCK = 512 * num_warps) keeps every variant within the
+# registers a thread may hold (65536 per SM / threads of the program, at most 255) with almost no
+# spilling. Measured by compiling for sm_90 without a GPU (triton.compile + cuobjdump -res-usage), bf16
+# logits, all options on (weights, smoothing, z-loss, cap) / none:
+#   rows kept in registers (ONE_BLOCK): 4096 classes, 8 warps: 144-202 / 61-119 registers, no spill;
+#     8192 classes, 16 warps: 105-128 / 58-102 registers, 128 bytes spilled for class indices with
+#     every option (the 128-register cap of 512 threads); 16384 classes, 16 warps (32 values a
+#     thread): up to 768 bytes spilled, so rows of more than 8192 classes are not kept;
+#   longer rows (read twice) in blocks of 4096, 8 warps: 150-170 / 98-128 registers, no spill (4 warps:
+#     up to 254 registers, and fewer warps to hide memory latency).
+MAX_BLOCK = 8192
+LOOP_BLOCK = 4096
+_VALUES_PER_THREAD = 16
+
+
+def _block(n_classes: int) -> tuple[int, bool, int]:
+    """(BLOCK, ONE_BLOCK, num_warps) for a row of n_classes."""
+    if n_classes <= MAX_BLOCK:
+        block, one = max(16, triton.next_power_of_2(n_classes)), True
+    else:
+        block, one = LOOP_BLOCK, False
+    warps = min(16, max(4, block // (32 * _VALUES_PER_THREAD)))
+    return block, one, warps
+
+
+def check_device(t: torch.Tensor) -> None:
+    """Raise unless the kernels can run on ``t``'s device (a GPU, or the CPU under the interpreter)."""
+    if t.device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError(
+            "crossent.torch.use_backend('triton') got CPU tensors, which Triton runs only under its "
+            "interpreter: set the environment variable TRITON_INTERPRET=1 before triton is first imported in "
+            "the process (it was not set then, or not when crossent's kernels were first loaded)"
+        )
+    if t.dtype not in DTYPES:
+        raise TypeError(
+            f"crossent's Triton kernel takes float32, bfloat16 or float16 logits, got {t.dtype}; "
+            "use crossent.torch.use_backend('torch') (or 'native' on the CPU) for float64"
+        )
+
+
+def rows_loss_and_grad(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    class_axis: int,
+    opts: LossOptions,
+    upstream: torch.Tensor | None,
+    grad: torch.Tensor | None,
+) -> torch.Tensor:
+    """Per-row float32 losses (shape: the batch, flattened) of contiguous ``x``; with ``grad`` (a
+    tensor like ``x``, possibly ``x`` itself) the gradient for the per-row ``upstream`` (0-d: shared by
+    every row; (rows,): one each, float32) is written there. ``opts`` is taken per row: its reduction,
+    normalizer and zero_if_all_ignored are the caller's business."""
+    check_device(x)
+    n_classes = x.shape[class_axis]
+    inner = math.prod(x.shape[class_axis + 1 :])
+    rows = x.numel() // n_classes if n_classes else math.prod(x.shape[:class_axis]) * inner
+    per_row = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return per_row
+    probability = target.is_floating_point()
+    smooth = opts.label_smoothing > 0
+    if upstream is None:
+        upstream = torch.ones((), dtype=torch.float32, device=x.device)
+    upstream = upstream.to(torch.float32).contiguous()
+    w = None if weight is None else weight.contiguous()
+    w_sum = w.to(torch.float32).sum().reshape(1) if w is not None and smooth and not probability else None
+    with _launch_scope(x):
+        _launch(x, target, w, w_sum, upstream, per_row, grad, n_classes, inner, opts, probability, smooth)
+    return per_row
+
+
+def _launch(x, target, w, w_sum, upstream, per_row, grad, n_classes, inner, opts, probability, smooth) -> None:
+    block, one, warps = _block(n_classes)
+    rows = per_row.numel()
+    kernels.cross_entropy_kernel[(rows,)](
+        x, target.contiguous(), w if w is not None else x, w_sum if w_sum is not None else per_row,
+        upstream, 0 if upstream.ndim == 0 else 1, per_row, grad if grad is not None else x,
+        n_classes, inner, opts.ignore_index, float(opts.label_smoothing), float(opts.z_loss),
+        float(opts.softcap or 0.0),
+        PROB=probability, HAS_WEIGHT=w is not None, SMOOTH=smooth, ZLOSS=opts.z_loss > 0,
+        SOFTCAP=opts.softcap is not None, WRITE_GRAD=grad is not None, ONE_BLOCK=one, BLOCK=block,
+        num_warps=warps,
+    )  # fmt: skip
+
+
+def loss_and_grad(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    shape: LossShape,
+    opts: LossOptions,
+    compute_grad: bool,
+    *,
+    in_place: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The op's contract (crossent.torch._ops): the reduced loss in the input's dtype and d(loss)/d(input)
+    for a unit upstream gradient per element (for mean: 1 / the denominator, as a tensor). ``in_place``:
+    the gradient overwrites the (contiguous) input."""
+    check_device(input)
+    x = input if in_place else input.contiguous()
+    rows = math.prod(shape.batch_shape)
+    denom, scale = mean_denominator_and_scale(target, weight, opts, rows=rows)
+    grad = (x if in_place else torch.empty_like(x)) if compute_grad else None
+    per_row_opts = opts
+    per_row = rows_loss_and_grad(x, target, weight, shape.class_axis, per_row_opts, scale, grad)
+    per_element = per_row.reshape(shape.batch_shape)
+    if opts.reduction == "none":
+        return per_element.to(input.dtype), grad
+    return reduce_losses(per_element, denom, opts).to(input.dtype), grad
+
+
+def slice_gradient(
+    local: torch.Tensor,
+    target: torch.Tensor,
+    start: int,
+    total: int,
+    weight: torch.Tensor | None,
+    opts: LossOptions,
+    terms: Any,
+    upstream: torch.Tensor,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """crossent.torch._vocab_slices.slice_gradient's contract with the kernel: the gradient of one
+    (rows, V_slice) slice of logits from the combined row terms, into ``out`` (any float dtype) or a
+    tensor like ``local``. ``weight``: the slice's class weights."""
+    check_device(local)
+    x = local.contiguous()
+    rows, n_classes = x.shape
+    grad = out if out is not None else torch.empty_like(x)
+    if rows == 0 or n_classes == 0:
+        return grad
+    f32 = [t.to(torch.float32).contiguous() for t in (terms.lse, terms.A, terms.B, terms.fix, upstream)]
+    probability = target.is_floating_point()
+    block = min(LOOP_BLOCK, max(16, triton.next_power_of_2(n_classes)))
+    warps = min(16, max(4, block // (32 * _VALUES_PER_THREAD)))
+    with _launch_scope(x):
+        kernels.slice_gradient_kernel[(rows,)](
+            x, target.contiguous(), weight.contiguous() if weight is not None else x, *f32,
+            terms.valid.contiguous(), grad, n_classes, start, float(opts.label_smoothing), total,
+            float(opts.softcap or 0.0),
+            PROB=probability, HAS_WEIGHT=weight is not None, SMOOTH=opts.label_smoothing > 0,
+            SOFTCAP=opts.softcap is not None, BLOCK=block, num_warps=warps,
+        )  # fmt: skip
+    return grad
