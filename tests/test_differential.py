@@ -241,11 +241,8 @@ def torch_op(d: Draw) -> tuple[Any, Any]:
 
 
 def _torch_ops_backend() -> Any:
-    """The torch-ops implementation for CPU tensors: use_backend("torch") where it exists, else the
-    older use_torch_ops(True)."""
-    if hasattr(ct, "use_backend"):
-        return ct.use_backend("torch")
-    return ct.use_torch_ops(True)
+    """The torch-ops implementation for CPU tensors."""
+    return ct.use_backend("torch")
 
 
 def torch_ops(d: Draw) -> tuple[Any, Any]:

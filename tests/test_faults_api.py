@@ -161,7 +161,7 @@ def test_item6_cross_entropy_gives_the_class_weight_its_gradient(path, probabili
     x, y, w0 = _problem(shape, probability)
     for o in CE_OPTIONS:
         w, xx = w0.clone().requires_grad_(), x.clone().requires_grad_()
-        with ct.use_torch_ops(path == "torch_ops"):
+        with ct.use_backend("torch" if path == "torch_ops" else "auto"):
             loss = ct.cross_entropy(
                 xx, y, weight=w, reduction=o["reduction"], label_smoothing=o["eps"], z_loss=o["z_loss"],
                 softcap=o["softcap"], normalizer=o["normalizer"],
