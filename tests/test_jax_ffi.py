@@ -343,3 +343,20 @@ def test_thread_count_invariant(layout) -> None:
 def test_supports() -> None:
     assert all(_ffi.supports(d) for d in DTYPES)
     assert not _ffi.supports("int32") and not _ffi.supports("complex64") and not _ffi.supports("float8_e4m3fn")
+
+
+def test_calls_register_the_handlers_themselves() -> None:
+    # In a fresh process, without available() first: the call registers the handlers it needs.
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from crossent.jax import _ffi\n"
+        "f = lambda a: _ffi.softmax_op(a, outer=2, classes=3, inner=1, op='logsumexp')\n"
+        "out = jax.jit(f)(jnp.zeros((2, 3, 1)))\n"
+        "print(float(out[0, 0]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert abs(float(done.stdout) - math.log(3)) < 1e-6

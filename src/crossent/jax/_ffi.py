@@ -85,6 +85,12 @@ def _index_target(target: Any, classes: int, ignore_index: int) -> Any:
     return target.astype(wide)
 
 
+def _call(target_name: str, results: Any) -> Any:
+    if not _register():
+        raise RuntimeError(f"crossent's XLA FFI handlers are not built into this installation ({target_name})")
+    return jax.ffi.ffi_call(target_name, results, vmap_method=_VMAP)
+
+
 def _loss_operands(
     target: Any, weight: Any, normalizer: Any, dtype: Any, classes: int, probability: bool, opts: LossOptions
 ) -> tuple[list[Any], dict[str, Any]]:
@@ -157,7 +163,7 @@ def cross_entropy_fwd(
     results = [_loss_shape(outer, inner, dtype, opts.reduction)]
     if want_grad:
         results.append(jax.ShapeDtypeStruct((outer, classes, inner), dtype))
-    call = jax.ffi.ffi_call(_CROSS_ENTROPY, results, vmap_method=_VMAP)
+    call = _call(_CROSS_ENTROPY, results)
     out = call(
         x, *operands, **_layout_attrs(outer, classes, inner), **attrs,
         probability=np.bool_(probability),
@@ -176,7 +182,7 @@ def nll_loss_fwd(
     as :func:`cross_entropy_fwd` returns it (out-of-range indices: NaN)."""
     dtype = x.dtype
     operands, attrs = _loss_operands(target, weight, normalizer, dtype, classes, False, opts)
-    call = jax.ffi.ffi_call(_NLL_LOSS, _loss_shape(outer, inner, dtype, opts.reduction), vmap_method=_VMAP)
+    call = _call(_NLL_LOSS, _loss_shape(outer, inner, dtype, opts.reduction))
     return call(x, *operands, **_layout_attrs(outer, classes, inner), **attrs).astype(dtype)
 
 
@@ -184,5 +190,5 @@ def softmax_op(x: Any, *, outer: int, classes: int, inner: int, op: str) -> Any:
     """log_softmax or softmax of (outer, classes, inner) x over classes, in x's shape and dtype; or
     logsumexp, (outer, inner)."""
     shape = (outer, inner) if op == "logsumexp" else (outer, classes, inner)
-    call = jax.ffi.ffi_call(_SOFTMAX, jax.ShapeDtypeStruct(shape, x.dtype), vmap_method=_VMAP)
+    call = _call(_SOFTMAX, jax.ShapeDtypeStruct(shape, x.dtype))
     return call(x, **_layout_attrs(outer, classes, inner), op=np.int64(_SOFTMAX_OPS[op]))
