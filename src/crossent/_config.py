@@ -43,7 +43,20 @@ def config() -> dict[str, Any]:
     }
     if ext is None:
         info["load_error"] = _native.load_error
+    info["xla_ffi"] = xla_ffi_status()
     return info
+
+
+def xla_ffi_status() -> str:
+    """Whether the kernel's XLA FFI handlers (the kernel inside jitted JAX programs on the CPU) are built
+    into this installation and registered with JAX; never imports JAX."""
+    ext = _native.extension
+    if ext is None or not hasattr(ext, "xla_targets"):
+        return "not built (jaxlib was not installed when crossent was built; crossent.jax runs jnp)"
+    version = f"XLA FFI API {ext.xla_ffi_api_version}"
+    if _native.xla_registered:
+        return f"built and registered ({version})"
+    return f"built ({version}); registered when crossent.jax first runs"
 
 
 def show_config() -> None:

@@ -25,6 +25,9 @@ except ImportError as error:  # not built (CROSSENT_NATIVE=OFF), or built for an
 else:
     load_error = None
 
+# Set by crossent.jax._ffi once it registers the module's XLA FFI handlers (xla_targets) with JAX.
+xla_registered = False
+
 # Values of the enums in kernel_api.hpp.
 _DTYPE_CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
 _TARGET_CODES = {"int64": 0, "int32": 1, "uint8": 2}

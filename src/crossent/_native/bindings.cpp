@@ -11,6 +11,7 @@
 #include <string>
 
 #include "kernel_api.hpp"
+#include "runtime.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -132,7 +133,7 @@ crossent::LossCall loss_call(const Array& x, int dtype, int64_t outer, int64_t c
 constexpr int64_t kParallelCheckFrom = 1 << 17;
 
 template <class TI>
-bool class_indices_valid(const TI* t, int64_t n, int64_t classes, int64_t ignore_index) {
+bool indices_valid(const TI* t, int64_t n, int64_t classes, int64_t ignore_index) {
     int ok = 1;
 #pragma omp parallel for schedule(static) reduction(& : ok) if (n >= kParallelCheckFrom) num_threads(g_threads)
     for (int64_t i = 0; i < n; ++i) {
@@ -142,19 +143,29 @@ bool class_indices_valid(const TI* t, int64_t n, int64_t classes, int64_t ignore
     return ok != 0;
 }
 
-bool class_indices_valid(const Array& target, int target_kind, int64_t classes, int64_t ignore_index) {
-    const int64_t n = elements(target);
-    const void* t = target.data();
-    switch (static_cast<crossent::TargetKind>(target_kind)) {
+}  // namespace
+
+bool crossent::class_indices_valid(const void* t, TargetKind kind, int64_t n, int64_t classes, int64_t ignore_index) {
+    switch (kind) {
         case crossent::TargetKind::i32:
-            return class_indices_valid(static_cast<const int32_t*>(t), n, classes, ignore_index);
+            return indices_valid(static_cast<const int32_t*>(t), n, classes, ignore_index);
         case crossent::TargetKind::u8:
-            return class_indices_valid(static_cast<const uint8_t*>(t), n, classes, ignore_index);
+            return indices_valid(static_cast<const uint8_t*>(t), n, classes, ignore_index);
         case crossent::TargetKind::i64:
-            return class_indices_valid(static_cast<const int64_t*>(t), n, classes, ignore_index);
+            return indices_valid(static_cast<const int64_t*>(t), n, classes, ignore_index);
         default:
             return false;
     }
+}
+
+const crossent::Kernels& crossent::active_kernels() { return g_kernels; }
+int crossent::active_threads() { return g_threads; }
+
+namespace {
+
+bool class_indices_valid(const Array& target, int target_kind, int64_t classes, int64_t ignore_index) {
+    return crossent::class_indices_valid(target.data(), static_cast<crossent::TargetKind>(target_kind),
+                                         elements(target), classes, ignore_index);
 }
 
 // Binds name(x, out) for arrays of V to one of the kernel's elementwise functions (its own exp and log,
@@ -308,6 +319,19 @@ NB_MODULE(_crossent_native, m) {
             }
         },
         nb::arg("name"), "Use one build of the kernel (tests compare them); 'best' restores the default.");
+#ifdef CROSSENT_XLA_FFI
+    m.def(
+        "xla_targets",
+        []() {
+            nb::dict targets;
+            for (size_t i = 0; i < crossent::kXlaTargetCount; ++i) {
+                targets[crossent::kXlaTargets[i].name] = nb::capsule(crossent::kXlaTargets[i].handler);
+            }
+            return targets;
+        },
+        "The XLA FFI handlers (name: PyCapsule) for jax.ffi.register_ffi_target(..., platform='cpu').");
+    m.attr("xla_ffi_api_version") = crossent::kXlaFfiApiVersion;
+#endif
 #ifdef _OPENMP
     m.attr("openmp") = true;
 #else
