@@ -26,7 +26,13 @@ def _convert(xp: Any, a: Any, like: Any) -> Any:
     0 silently): such a value raises instead of becoming a different, valid class index.
     """
     converted = xp.asarray(a, device=array_api_compat.device(like))
-    source = np.asarray(a)
+    check_integers_fit(xp, a, converted)
+    return converted
+
+
+def check_integers_fit(xp: Any, source: Any, converted: Any) -> None:
+    """OverflowError if converting NumPy/Python integers ``source`` to ``converted`` changed a value."""
+    source = np.asarray(source)
     if source.dtype.kind in "iu" and source.size:
         info = xp.iinfo(converted.dtype)
         low, high = source.min(), source.max()
@@ -34,9 +40,8 @@ def _convert(xp: Any, a: Any, like: Any) -> Any:
             value = int(high if high > info.max else low)
             raise OverflowError(
                 f"value {value} does not fit {validate.dtype_name(converted.dtype)}, the integer dtype "
-                f"{type(like).__module__.split('.')[0]} gives {validate.dtype_name(source.dtype)}"
+                f"{type(converted).__module__.split('.')[0]} gives {validate.dtype_name(source.dtype)}"
             )
-    return converted
 
 
 def _namespace(input: Any, *others: Any) -> tuple[Any, Any, list[Any]]:

@@ -1,0 +1,23 @@
+"""crossent for JAX: the cross-entropy loss and its parts with PyTorch's semantics and crossent's options,
+under ``jit``, ``grad``, ``vmap`` and ``shard_map`` (imported on purpose; ``import crossent`` never
+imports JAX).
+
+See docs/jax.md. On the CPU a jitted call runs crossent's native kernel inside XLA where its FFI target
+is available (:func:`ffi_available`); elsewhere a jnp implementation of the same semantics that XLA
+fuses. :func:`use_backend` forces either.
+"""
+
+from ._backend import current_backend, ffi_available, use_backend
+from ._functional import check_class_indices, cross_entropy, log_softmax, logsumexp, nll_loss, softmax
+
+__all__ = [
+    "check_class_indices",
+    "cross_entropy",
+    "current_backend",
+    "ffi_available",
+    "log_softmax",
+    "logsumexp",
+    "nll_loss",
+    "softmax",
+    "use_backend",
+]
