@@ -9,6 +9,7 @@ fuses. :func:`use_backend` forces either.
 
 from ._backend import current_backend, ffi_available, use_backend
 from ._functional import check_class_indices, cross_entropy, log_softmax, logsumexp, nll_loss, softmax
+from ._optax import softmax_cross_entropy, softmax_cross_entropy_with_integer_labels
 
 __all__ = [
     "check_class_indices",
@@ -19,5 +20,7 @@ __all__ = [
     "logsumexp",
     "nll_loss",
     "softmax",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
     "use_backend",
 ]
