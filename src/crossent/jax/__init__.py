@@ -9,6 +9,7 @@ fuses. :func:`use_backend` forces either.
 
 from ._backend import current_backend, ffi_available, use_backend
 from ._functional import check_class_indices, cross_entropy, log_softmax, logsumexp, nll_loss, softmax
+from ._linear import linear_cross_entropy
 from ._optax import softmax_cross_entropy, softmax_cross_entropy_with_integer_labels
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "cross_entropy",
     "current_backend",
     "ffi_available",
+    "linear_cross_entropy",
     "log_softmax",
     "logsumexp",
     "nll_loss",
