@@ -10,6 +10,7 @@ fuses. :func:`use_backend` forces either.
 from ._backend import current_backend, ffi_available, use_backend
 from ._functional import check_class_indices, cross_entropy, log_softmax, logsumexp, nll_loss, softmax
 from ._linear import linear_cross_entropy
+from ._parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 from ._optax import softmax_cross_entropy, softmax_cross_entropy_with_integer_labels
 
 __all__ = [
@@ -25,4 +26,6 @@ __all__ = [
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
     "use_backend",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
 ]
