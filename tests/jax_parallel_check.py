@@ -12,8 +12,9 @@ import numpy as np
 
 assert "--xla_force_host_platform_device_count=4" in os.environ.get("XLA_FLAGS", ""), "run via test_jax_parallel.py"
 
-import jax  # noqa: E402
 import jax.extend  # noqa: E402
+
+import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
@@ -44,7 +45,10 @@ def collectives(jaxpr) -> dict[str, int]:
 
 def padded(a: np.ndarray) -> np.ndarray:
     """(..., 20) -> (..., 4 * WIDTH): each device's classes, then zeros to WIDTH."""
-    parts = [np.pad(a[..., s : s + n], [(0, 0)] * (a.ndim - 1) + [(0, WIDTH - n)]) for s, n in zip(STARTS, SIZES)]
+    parts = [
+        np.pad(a[..., s : s + n], [(0, 0)] * (a.ndim - 1) + [(0, WIDTH - n)])
+        for s, n in zip(STARTS, SIZES, strict=True)
+    ]
     return np.concatenate(parts, axis=-1)
 
 
@@ -114,7 +118,7 @@ def check_linear(rng):
     want, want_g = jax.value_and_grad(single, argnums=(0, 1, 2))(h, k, b)
     got, got_g = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(h, k, b)
     np.testing.assert_allclose(got, want, rtol=1e-10)
-    for a, e in zip(got_g, want_g):
+    for a, e in zip(got_g, want_g, strict=True):
         np.testing.assert_allclose(a, e, rtol=1e-9, atol=1e-12)
 
 

@@ -13,6 +13,9 @@ MODULES = [
     "crossent._config",
     "crossent.torch._functional",
     "crossent.torch._linear",
+    "crossent.jax._functional",
+    "crossent.jax._optax",
+    "crossent.jax._linear",
 ]
 
 

@@ -217,11 +217,17 @@ def test_softmax_family_against_torch(rng, shape):
     v = rng.standard_normal(shape)
     for axis in range(-len(shape), len(shape)):
         xt = torch.tensor(x)
-        for name, fn in [("log_softmax", torch.log_softmax), ("softmax", torch.softmax), ("logsumexp", torch.logsumexp)]:
+        for name, fn in [
+            ("log_softmax", torch.log_softmax),
+            ("softmax", torch.softmax),
+            ("logsumexp", torch.logsumexp),
+        ]:
             ours = getattr(cj, name)
             got = jax.jit(lambda a, ours=ours, axis=axis: ours(a, axis=axis))(x)
             oracle.assert_close(got, fn(xt, axis).numpy(), np.float64, what=name)
-            _, tangent = jax.jvp(lambda a, ours=ours, axis=axis: ours(a, axis=axis), (jnp.asarray(x),), (jnp.asarray(v),))
+            _, tangent = jax.jvp(
+                lambda a, ours=ours, axis=axis: ours(a, axis=axis), (jnp.asarray(x),), (jnp.asarray(v),)
+            )
             _, want = torch.func.jvp(lambda a, fn=fn, axis=axis: fn(a, axis), (xt,), (torch.tensor(v),))
             oracle.assert_close(tangent, want.numpy(), np.float64, what=f"{name} jvp")
     keep = cj.logsumexp(x, axis=0, keepdims=True)

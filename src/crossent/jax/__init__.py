@@ -10,8 +10,8 @@ fuses. :func:`use_backend` forces either.
 from ._backend import current_backend, ffi_available, use_backend
 from ._functional import check_class_indices, cross_entropy, log_softmax, logsumexp, nll_loss, softmax
 from ._linear import linear_cross_entropy
-from ._parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 from ._optax import softmax_cross_entropy, softmax_cross_entropy_with_integer_labels
+from ._parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
 __all__ = [
     "check_class_indices",

@@ -14,8 +14,9 @@ import dataclasses
 import math
 from typing import Any
 
-import jax
 import jax.numpy as jnp
+
+import jax
 
 from .. import _reference as reference
 from .._validate import LossOptions, LossShape
@@ -58,7 +59,7 @@ def ffi_available() -> bool:
 
 
 def _use_ffi(dtype: Any) -> str | None:
-    """"ffi", "auto" (FFI on the CPU, jnp elsewhere) or None (jnp) for a call on ``dtype``."""
+    """ "ffi", "auto" (FFI on the CPU, jnp elsewhere) or None (jnp) for a call on ``dtype``."""
     name = _state["backend"]
     if name == "jnp":
         return None

@@ -7,9 +7,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+
+import jax
 
 from .. import _reference as reference
 from .. import _validate as validate
@@ -67,7 +68,10 @@ def _cross_entropy_jvp(shape: LossShape, opts: LossOptions, primals: Any, tangen
         out = jnp.sum(grad.astype(cdt) * dx.astype(cdt), axis=axes)
     # Probability targets, class weights and a normalizer array: the specification's own tangent.
     rest = _perturbed_jvp(
-        lambda *a: _backend.reference_loss(*a, shape, opts), (x, target, weight, normalizer), tangents, skip=1
+        lambda x, t, w, n: _backend.reference_loss(x, t, w, n, shape, opts),
+        (x, target, weight, normalizer),
+        tangents,
+        skip=1,
     )
     if rest is not None:
         out = out + rest.astype(cdt)

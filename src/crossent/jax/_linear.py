@@ -15,8 +15,9 @@ import functools
 import math
 from typing import Any
 
-import jax
 import jax.numpy as jnp
+
+import jax
 
 from .. import _reference as reference
 from .. import _validate as validate

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
+
+import jax
 
 from .. import _validate as validate
 from ._functional import as_jax, cross_entropy
@@ -83,9 +84,7 @@ def softmax_cross_entropy(logits: Any, labels: Any, axis: Any = -1, where: Any =
     return loss if where is None else jnp.where(where, loss, jnp.zeros((), dtype))
 
 
-def softmax_cross_entropy_with_integer_labels(
-    logits: Any, labels: Any, axis: Any = -1, where: Any = None
-) -> jax.Array:
+def softmax_cross_entropy_with_integer_labels(logits: Any, labels: Any, axis: Any = -1, where: Any = None) -> jax.Array:
     r"""``optax.softmax_cross_entropy_with_integer_labels``: :math:`\operatorname{logsumexp}(x) - x_y`
     per example.
 

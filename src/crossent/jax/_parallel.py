@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import jax
 import jax.numpy as jnp
+
+import jax
 
 from .. import _reference as reference
 from .. import _validate as validate
