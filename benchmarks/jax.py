@@ -18,13 +18,17 @@ import statistics
 import sys
 from typing import Any
 
-import jax.numpy as jnp
-import numpy as np
-import optax
+# Run as a script, this file's directory comes first on sys.path, where this file would be "jax" itself.
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != pathlib.Path(__file__).parent.resolve()]
 
-import crossent.jax as cj
-import jax
-from crossent.bench import rounds_in_turns, write_report
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import crossent.jax as cj  # noqa: E402
+import jax  # noqa: E402
+from crossent.bench import write_report  # noqa: E402
+from crossent.bench.suite import rounds_in_turns  # noqa: E402
 
 
 def _handwritten(x: Any, y: Any, axis: int) -> Any:
