@@ -129,6 +129,23 @@ def check_out_of_range_is_nan(rng):
     assert np.isnan(got[1]) and np.all(np.isfinite(got[[0, 2]])), got
 
 
+def check_data_parallel(rng):
+    # The plain loss inside shard_map over rows: each device's sum over the global count of targets.
+    x = rng.standard_normal((12, 5))
+    y = rng.integers(0, 5, 12)
+    y[[1, 7]] = -100
+    count = jnp.sum(y != -100).astype(x.dtype)
+
+    def local(x, y):
+        return jax.lax.psum(cj.cross_entropy(x, y, normalizer=count, label_smoothing=0.1), "v")
+
+    f = jax.shard_map(local, mesh=MESH, in_specs=(P("v"), P("v")), out_specs=P())
+    want, want_g = jax.value_and_grad(lambda x: cj.cross_entropy(x, y, label_smoothing=0.1))(x)
+    got, got_g = jax.jit(jax.value_and_grad(lambda x: f(x, y)))(x)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-10, atol=1e-14)
+
+
 def main() -> None:
     assert jax.device_count() == 4
     rng = np.random.default_rng(7)
@@ -141,6 +158,7 @@ def main() -> None:
     for uneven, probability, kw in itertools.product([False, True], [False, True], options):
         check(rng, uneven, probability, **kw)
     check_linear(rng)
+    check_data_parallel(rng)
     check_out_of_range_is_nan(rng)
     print("ok")
 

@@ -336,3 +336,18 @@ def test_import_crossent_does_not_import_jax():
     code = "import sys, crossent; assert 'jax' not in sys.modules; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+def test_the_generic_api_on_traced_jax_arrays_gives_nan_not_a_tracer_error(rng):
+    # crossent.cross_entropy (the NumPy-level API) on JAX arrays under jit: the class-index check cannot
+    # read a tracer, so the reference's NaN rule applies.
+    import crossent
+
+    x = rng.standard_normal((4, 3))
+    per_row = np.asarray(
+        jax.jit(lambda x, t: crossent.cross_entropy(x, t, reduction="none"))(x, np.array([0, 1, 5, 2]))
+    )
+    assert np.isnan(per_row[2]) and np.all(np.isfinite(per_row[[0, 1, 3]]))
+    assert np.isnan(jax.jit(crossent.nll_loss)(x, np.array([0, 1, 5, 2])))
+    good = jax.jit(crossent.cross_entropy)(x, np.array([0, 1, 2, 2]))
+    oracle.assert_close(good, oracle.cross_entropy(x, np.array([0, 1, 2, 2])).loss, np.float64)
