@@ -47,11 +47,11 @@ def _class_index_terms(xp: Any, target: Any, n_classes: int, ignore_index: int, 
         target_weight = xp.astype(valid, zero.dtype)
     else:
         target_weight = xp.sum(xp.where(onehot, w, zero), axis=-1)
-    # A counted target outside [0, C) is only reachable where no check can read the values (inside
-    # jax.jit): its weight is NaN, so that its loss, every reduction over it and its gradient are NaN,
-    # never a finite wrong number.
-    out_of_range = valid & ((t < 0) | (t >= n_classes))
-    target_weight = xp.where(out_of_range, xp.full_like(target_weight, math.nan), target_weight)
+    # A class index outside [0, C) that was not checked (inside jit, on an accelerator, where reading
+    # the target would synchronise the host): its row's weight is NaN, so that its loss, the mean and
+    # the gradient are NaN rather than a finite number that counts the row as 0.
+    outside = valid & ((t < 0) | (t >= n_classes))
+    target_weight = xp.where(outside, xp.full_like(target_weight, math.nan), target_weight)
     return _ClassIndexTerms(valid=valid, onehot=onehot, target_weight=target_weight)
 
 
