@@ -14,6 +14,9 @@ MODULES = [
     "crossent.torch._functional",
     "crossent.torch._linear",
     "crossent.torch._backend",
+    "crossent.jax._functional",
+    "crossent.jax._optax",
+    "crossent.jax._linear",
 ]
 
 

@@ -166,3 +166,37 @@ def test_out_receives_the_gradient_and_is_checked(rng):
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="out must be a NumPy array"):
         crossent.cross_entropy_and_grad(torch.from_numpy(x), torch.from_numpy(y), out=torch.empty(6, 5))
+
+
+@pytest.mark.parametrize("library", ["torch", "jax", "array_api_strict"])
+def test_numpy_and_python_data_beside_another_library_are_converted_to_it(library):
+    # Issue 16 item 12: optax's tests call a loss with JAX logits and NumPy labels.
+    import oracle
+    from conftest import Backend
+
+    b = Backend(library)
+    expected = oracle.cross_entropy(X, Y, reduction="none", want_grad=False).loss
+    for x, y in [(b.asarray(X), Y), (X, b.asarray(Y)), (b.asarray(X), Y.tolist())]:
+        got = crossent.cross_entropy(x, y, reduction="none")
+        assert b.same_library(got), type(got)
+        np.testing.assert_allclose(b.to_numpy(got), expected, rtol=1e-6)
+    got = crossent.cross_entropy(X, Y, b.asarray(np.ones(X.shape[1], dtype=X.dtype)))
+    assert b.same_library(got)
+
+
+def test_integers_a_library_would_narrow_raise_instead_of_wrapping():
+    # JAX without x64 holds int64 as int32 and would wrap 2**40 to class 0.
+    import subprocess
+    import sys
+
+    pytest.importorskip("jax")
+    code = (
+        "import numpy as np, jax.numpy as jnp, crossent\n"
+        "x = jnp.zeros((2, 3))\n"
+        "try:\n"
+        "    crossent.cross_entropy(x, np.array([0, 2**40]))\n"
+        "except OverflowError as e:\n"
+        "    print('OverflowError', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "OverflowError value 1099511627776 does not fit int32" in out.stdout, out.stdout + out.stderr

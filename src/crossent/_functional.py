@@ -15,29 +15,61 @@ from . import _validate as validate
 from ._dispatch import native_enabled, native_kernel
 
 
-def _namespace(input: Any, *others: Any) -> tuple[Any, Any, list[Any]]:
-    """The input's Array-API namespace, with the input and the other arguments as its arrays.
+def _is_foreign_array(a: Any) -> bool:
+    """An array of a library other than NumPy (NumPy arrays and scalars adopt such an array's library)."""
+    return array_api_compat.is_array_api_obj(a) and not isinstance(a, (np.ndarray, np.generic))
 
-    Plain Python data (lists, numbers) becomes a NumPy array; arrays of another library raise.
+
+def _convert(xp: Any, a: Any, like: Any) -> Any:
+    """``a`` (NumPy or plain Python data) as an array of ``like``'s library, on its device.
+
+    A library may narrow integers on the way (JAX without x64 holds int64 as int32, and wraps 2**40 to
+    0 silently): such a value raises instead of becoming a different, valid class index.
+    """
+    converted = xp.asarray(a, device=array_api_compat.device(like))
+    check_integers_fit(xp, a, converted)
+    return converted
+
+
+def check_integers_fit(xp: Any, source: Any, converted: Any) -> None:
+    """OverflowError if converting NumPy/Python integers ``source`` to ``converted`` changed a value."""
+    source = np.asarray(source)
+    if source.dtype.kind in "iu" and source.size:
+        info = xp.iinfo(converted.dtype)
+        low, high = source.min(), source.max()
+        if low < info.min or high > info.max:
+            value = int(high if high > info.max else low)
+            raise OverflowError(
+                f"value {value} does not fit {validate.dtype_name(converted.dtype)}, the integer dtype "
+                f"{type(converted).__module__.split('.')[0]} gives {validate.dtype_name(source.dtype)}"
+            )
+
+
+def _namespace(input: Any, *others: Any) -> tuple[Any, Any, list[Any]]:
+    """The arrays' Array-API namespace, with the input and the other arguments as its arrays.
+
+    The library is that of the first array that is not NumPy's (the input, else the others); NumPy
+    arrays and plain Python data (lists, numbers) are converted to it, onto its device, as optax's
+    tests pass NumPy labels beside JAX logits. Only NumPy data: arrays of two other libraries raise.
     """
     if type(input) is np.ndarray and all(other is None or type(other) is np.ndarray for other in others):
         return _numpy_namespace, input, list(others)  # the common case, without the generic look-ups
+    present = [a for a in (input, *others) if a is not None]
+    foreign = [a for a in present if _is_foreign_array(a)]
+    if foreign:
+        like = foreign[0]
+        try:
+            xp = array_api_compat.array_namespace(*foreign)
+        except TypeError as err:
+            kinds = ", ".join(sorted({type(a).__module__ + "." + type(a).__name__ for a in foreign}))
+            raise TypeError(f"all arrays must come from one library (or NumPy), got {kinds}") from err
+        input = input if _is_foreign_array(input) else _convert(xp, input, like)
+        converted = [o if o is None or _is_foreign_array(o) else _convert(xp, o, like) for o in others]
+        return xp, input, converted
     if not array_api_compat.is_array_api_obj(input):
         input = np.asarray(input)
-    xp = array_api_compat.array_namespace(input)
-    converted = []
-    for other in others:
-        if other is not None and not array_api_compat.is_array_api_obj(other):
-            other = xp.asarray(other, device=array_api_compat.device(input))
-        converted.append(other)
-    arrays = [a for a in converted if a is not None]
-    if arrays:
-        try:
-            array_api_compat.array_namespace(input, *arrays)
-        except TypeError as err:
-            kinds = ", ".join(sorted({type(a).__module__ + "." + type(a).__name__ for a in [input, *arrays]}))
-            raise TypeError(f"all arrays must come from one library, got {kinds}") from err
-    return xp, input, converted
+    converted = [o if o is None or array_api_compat.is_array_api_obj(o) else np.asarray(o) for o in others]
+    return array_api_compat.array_namespace(input, *[o for o in converted if o is not None]), input, converted
 
 
 def _as_result(xp: Any, value: Any) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -268,9 +269,22 @@ def index_dtype(xp: Any, dtype: Any, ignore_index: int) -> Any:
     return xp.int32
 
 
+def is_traced(x: Any) -> bool:
+    """Whether ``x`` is a JAX tracer (inside ``jit``, ``vmap``, ``grad``...), whose values cannot be read.
+
+    Nothing is imported: a JAX array can only exist once JAX is.
+    """
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(x, jax.core.Tracer)
+
+
 def check_class_indices(xp: Any, target: Any, n_classes: int, ignore_index: int) -> None:
-    """IndexError naming a target value outside [0, n_classes) that is not ignore_index."""
-    if math.prod(target.shape) == 0:
+    """IndexError naming a target value outside [0, n_classes) that is not ignore_index.
+
+    A traced JAX target has no values to check: the check is skipped, and the reference gives such an
+    element a NaN weight, so that its loss, the reductions over it and its gradient are NaN.
+    """
+    if math.prod(target.shape) == 0 or is_traced(target):
         return
     if isinstance(target, np.ndarray):
         # One vectorised pass for the common case of no offender (the generic path below makes four).

@@ -1,0 +1,130 @@
+"""Benchmark crossent.jax against optax and a hand-written jax.nn.logsumexp loss, all under jax.jit.
+
+    python benchmarks/jax.py            # 4096x32768 and 8x21x256x256 float32, linear loss at 2048x512x32768
+    python benchmarks/jax.py --quick    # small sizes, to check that it runs end to end
+
+Forward and value_and_grad, timed in turns in one process (crossent.bench.rounds_in_turns), the
+backend crossent.jax used ("ffi" or "jnp") recorded beside each figure. The linear loss's compiled
+temporary memory (memory_analysis, a deterministic figure) and time against the naive
+``cross_entropy(hidden @ kernel)``. Writes JSON with the machine's metadata to
+benchmarks/results/jax-<time>.json, or to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+from typing import Any
+
+# Run as a script, this file's directory comes first on sys.path, where this file would be "jax" itself.
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != pathlib.Path(__file__).parent.resolve()]
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import crossent.jax as cj  # noqa: E402
+import jax  # noqa: E402
+from crossent.bench import write_report  # noqa: E402
+from crossent.bench.suite import rounds_in_turns  # noqa: E402
+
+
+def _handwritten(x: Any, y: Any, axis: int) -> Any:
+    lse = jax.nn.logsumexp(x, axis=axis)
+    picked = jnp.squeeze(jnp.take_along_axis(x, jnp.expand_dims(y, axis), axis=axis), axis)
+    return jnp.mean(lse - picked)
+
+
+def _losses(axis: int) -> dict[str, Any]:
+    return {
+        "crossent.jax": lambda x, y: cj.cross_entropy(x, y, axis=axis),
+        "optax": lambda x, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x, y, axis=axis)),
+        "jax.nn.logsumexp": lambda x, y: _handwritten(x, y, axis),
+    }
+
+
+def bench_loss(shape: tuple[int, ...], axis: int, rounds: int) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+    batch = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
+    y = jnp.asarray(rng.integers(0, shape[axis], batch).astype(np.int32))
+    rows = []
+    for mode in ["forward", "value_and_grad"]:
+        calls = {}
+        for name, fn in _losses(axis).items():
+            f = jax.jit(fn if mode == "forward" else jax.value_and_grad(fn))
+            calls[name] = lambda f=f: jax.block_until_ready(f(x, y))
+        times = rounds_in_turns(calls, rounds)
+        best = {name: min(t) for name, t in times.items()}
+        for name, t in times.items():
+            rows.append({
+                "shape": list(shape), "axis": axis, "dtype": "float32", "mode": mode, "impl": name,
+                "best_ms": 1e3 * min(t), "median_ms": 1e3 * statistics.median(t), "rounds": len(t),
+                "vs_crossent": min(t) / best["crossent.jax"],
+            })  # fmt: skip
+    return rows
+
+
+def bench_linear(n: int, d: int, v: int, rounds: int, chunk: int | None) -> dict[str, Any]:
+    rng = np.random.default_rng(1)
+    h = jnp.asarray(rng.standard_normal((n, d), dtype=np.float32) / np.sqrt(d))
+    k = jnp.asarray(rng.standard_normal((d, v), dtype=np.float32))
+    y = jnp.asarray(rng.integers(0, v, n).astype(np.int32))
+    steps = {
+        "naive": jax.jit(jax.value_and_grad(lambda h, k, y: cj.cross_entropy(h @ k, y), argnums=(0, 1))),
+        "linear": jax.jit(
+            jax.value_and_grad(lambda h, k, y: cj.linear_cross_entropy(h, k, y, chunk_size=chunk), argnums=(0, 1))
+        ),
+    }
+    memory = {}
+    for name, step in steps.items():
+        m = step.lower(h, k, y).compile().memory_analysis()
+        memory[name] = {"temp_bytes": int(m.temp_size_in_bytes), "output_bytes": int(m.output_size_in_bytes)}
+    times = rounds_in_turns(
+        {name: (lambda s=s: jax.block_until_ready(s(h, k, y))) for name, s in steps.items()}, rounds
+    )
+    gradient_bytes = d * v * 4  # the float32 kernel-gradient accumulator, the size of a returned gradient
+    return {
+        "n": n, "d": d, "v": v, "chunk_size": chunk, "memory": memory,
+        "temp_ratio": memory["linear"]["temp_bytes"] / memory["naive"]["temp_bytes"],
+        "temp_beyond_gradient_ratio": (memory["linear"]["temp_bytes"] - gradient_bytes) / memory["naive"]["temp_bytes"],
+        "best_ms": {name: 1e3 * min(t) for name, t in times.items()},
+        "time_ratio": min(times["linear"]) / min(times["naive"]),
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, to check the script end to end")
+    parser.add_argument("--rounds", type=int, help="timed rounds per implementation")
+    parser.add_argument("--out", type=pathlib.Path, help="JSON file to write")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (3 if args.quick else 15)
+    if args.quick:
+        cases, linear = [((256, 1024), -1), ((2, 5, 16, 16), 1)], (256, 64, 2048)
+    else:
+        cases, linear = [((4096, 32768), -1), ((8, 21, 256, 256), 1)], (2048, 512, 32768)
+    rows = []
+    for shape, axis in cases:
+        print(f"loss {shape} axis={axis}", file=sys.stderr, flush=True)
+        rows += bench_loss(shape, axis, rounds)
+    for row in rows:
+        print(f"{row['mode']:15} {row['shape']!s:22} {row['impl']:18} {row['best_ms']:9.2f} ms "
+              f"x{row['vs_crossent']:.2f}")  # fmt: skip
+    print(f"linear {linear}", file=sys.stderr, flush=True)
+    lin = bench_linear(*linear, rounds=max(2, rounds // 3), chunk=None)
+    print(f"linear loss temp memory {lin['memory']['linear']['temp_bytes'] / 2**20:.1f} MiB vs naive "
+          f"{lin['memory']['naive']['temp_bytes'] / 2**20:.1f} MiB ({lin['temp_ratio']:.3f}; beyond the kernel "
+          f"gradient {lin['temp_beyond_gradient_ratio']:.3f}), time x{lin['time_ratio']:.2f}")  # fmt: skip
+    payload = {
+        "jax": jax.__version__, "optax": optax.__version__, "backend": cj.current_backend(),
+        "ffi_available": cj.ffi_available(), "losses": rows, "linear": lin,
+    }  # fmt: skip
+    write_report(payload, args.out, "jax", pathlib.Path(__file__).parent / "results")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,227 @@
+"""``linear_cross_entropy``: the loss of ``hidden @ kernel + bias`` without the (N, V) logits.
+
+Rows are taken in chunks under ``lax.scan``; each chunk's logits exist only inside one step, where the
+specification (crossent's reference, reduction "none") gives the chunk's per-row losses and their
+gradient, which the step turns into the chunk's share of d/d hidden, d/d kernel and d/d bias at once.
+For ``mean`` and ``sum`` the upstream gradient is a scalar, so all gradients come out of the forward
+sweep (``jax.custom_vjp``; the backward only scales them); for ``none`` the backward sweeps again with
+the per-row upstream gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax.numpy as jnp
+
+import jax
+
+from .. import _reference as reference
+from .. import _validate as validate
+from .._reference.softmax import batch_dtype
+from .._validate import LossOptions, LossShape
+from ._functional import _unsigned_without_wrapping, as_jax
+
+# Bytes of float32 logits one chunk may hold: the chunk's temporaries (logits, their gradient and the
+# reference's intermediates) are a few times this.
+CHUNK_BYTES = 4 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    rows: int
+    chunk: int
+    opts: LossOptions  # with normalizer=None; an array normalizer travels as an operand
+
+
+def _target_weights(labels: Any, weight: Any, opts: LossOptions, dtype: Any) -> Any:
+    valid = labels != opts.ignore_index
+    if weight is None:
+        return valid.astype(dtype)
+    safe = jnp.where(valid, labels, 0)
+    return jnp.where(valid, jnp.take(weight.astype(dtype), safe, mode="clip"), 0)
+
+
+def _denominator_and_scale(labels: Any, weight: Any, normalizer: Any, opts: LossOptions) -> tuple[Any, Any]:
+    """What ``mean`` divides by, and d(loss)/d(row loss) for a unit upstream gradient."""
+    bdt = batch_dtype(jnp)
+    if opts.reduction != "mean":
+        return jnp.ones((), bdt), jnp.ones((), bdt)
+    denom = jnp.sum(_target_weights(labels, weight, opts, bdt)) if normalizer is None else normalizer.astype(bdt)
+    scale = 1.0 / denom
+    if opts.zero_if_all_ignored:
+        scale = jnp.where(denom == 0, 0.0, scale)
+    return denom, scale
+
+
+def _chunk(h: Any, kernel: Any, bias: Any, y: Any, weight: Any, opts: LossOptions, upstream: Any) -> tuple[Any, ...]:
+    """Per-row losses of one chunk and, for per-row ``upstream`` gradients, its gradients."""
+    logits = jnp.matmul(h, kernel, preferred_element_type=jnp.float32 if h.dtype != jnp.float64 else jnp.float64)
+    if bias is not None:
+        logits = logits + bias.astype(logits.dtype)
+    shape = LossShape(1, logits.shape[1], (logits.shape[0],), False)
+    per_row = dataclasses.replace(opts, reduction="none", normalizer=None, zero_if_all_ignored=False)
+    if upstream is None:
+        return (reference.cross_entropy(jnp, logits, y, weight, shape, per_row),)
+    loss, dlogits = reference.cross_entropy_and_grad(jnp, logits, y, weight, shape, per_row, upstream)
+    dh = jnp.matmul(dlogits, kernel.T.astype(dlogits.dtype))
+    dk = jnp.matmul(h.T.astype(dlogits.dtype), dlogits)
+    db = jnp.sum(dlogits, axis=0)
+    return loss, dh, dk, db
+
+
+def _sweep(h: Any, kernel: Any, bias: Any, y: Any, weight: Any, st: _Static, upstream: Any) -> tuple[Any, ...]:
+    """Row losses (rows,) and, with upstream (rows,) given, d/d(hidden, kernel, bias) in float32/64."""
+    n_chunks = math.ceil(st.rows / st.chunk)
+    pad = n_chunks * st.chunk - st.rows
+    # Padding rows are ignored targets: no loss, no gradient.
+    hp = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, st.chunk, -1)
+    yp = jnp.pad(y, (0, pad), constant_values=st.opts.ignore_index).reshape(n_chunks, st.chunk)
+    cdt = jnp.float64 if h.dtype == jnp.float64 else jnp.float32
+    if upstream is None:
+
+        def forward(_: Any, xs: Any) -> Any:
+            return None, _chunk(xs[0], kernel, bias, xs[1], weight, st.opts, None)[0]
+
+        _, losses = jax.lax.scan(forward, None, (hp, yp))
+        return (losses.reshape(-1)[: st.rows],)
+    gp = jnp.pad(upstream.astype(cdt), (0, pad)).reshape(n_chunks, st.chunk)
+
+    def step(carry: Any, xs: Any) -> Any:
+        dk_acc, db_acc = carry
+        loss, dh, dk, db = _chunk(xs[0], kernel, bias, xs[1], weight, st.opts, xs[2])
+        return (dk_acc + dk, db_acc + db), (loss, dh)
+
+    init = (jnp.zeros(kernel.shape, cdt), jnp.zeros((kernel.shape[1],), cdt))
+    (dk, db), (losses, dh) = jax.lax.scan(step, init, (hp, yp, gp))
+    dh = dh.reshape(-1, h.shape[1])[: st.rows]
+    return losses.reshape(-1)[: st.rows], dh.astype(h.dtype), dk.astype(kernel.dtype), db
+
+
+def _reduce(losses: Any, denom: Any, opts: LossOptions, dtype: Any) -> Any:
+    return reference.reduce_losses(jnp, losses, denom, dataclasses.replace(opts, normalizer=None)).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _linear(h: Any, kernel: Any, bias: Any, y: Any, weight: Any, normalizer: Any, st: _Static) -> Any:
+    (losses,) = _sweep(h, kernel, bias, y, weight, st, None)
+    denom, _ = _denominator_and_scale(y, weight, normalizer, st.opts)
+    return _reduce(losses, denom, st.opts, h.dtype)
+
+
+def _linear_fwd(h: Any, kernel: Any, bias: Any, y: Any, weight: Any, normalizer: Any, st: _Static) -> Any:
+    if st.opts.reduction == "none":
+        loss = _linear(h, kernel, bias, y, weight, normalizer, st)
+        return loss, (h, kernel, bias, y, weight, None)
+    denom, scale = _denominator_and_scale(y, weight, normalizer, st.opts)
+    upstream = jnp.broadcast_to(scale, y.shape)
+    losses, dh, dk, db = _sweep(h, kernel, bias, y, weight, st, upstream)
+    return _reduce(losses, denom, st.opts, h.dtype), (None, None, bias, None, weight, (dh, dk, db))
+
+
+def _linear_bwd(st: _Static, res: Any, ct: Any) -> Any:
+    h, kernel, bias, y, weight, grads = res
+    if grads is None:  # reduction "none": sweep again with the per-row upstream gradients
+        _, dh, dk, db = _sweep(h, kernel, bias, y, weight, st, ct)
+    else:
+        dh, dk, db = grads
+        dh, dk, db = (g * ct.astype(g.dtype) for g in (dh, dk, db))
+    db = None if bias is None else db.astype(bias.dtype)
+    return dh, dk, db, None, None if weight is None else jnp.zeros_like(weight), None
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def linear_cross_entropy(
+    hidden: Any,
+    kernel: Any,
+    labels: Any,
+    *,
+    bias: Any = None,
+    weight: Any = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    normalizer: Any = None,
+    zero_if_all_ignored: bool = False,
+    chunk_size: int | None = None,
+) -> jax.Array:
+    r"""``cross_entropy(hidden @ kernel + bias, labels, ...)`` without the (N, V) logits.
+
+    Parameters
+    ----------
+    hidden : array, shape (..., D)
+    kernel : array, shape (D, V)
+        The output layer laid out as flax's ``Dense``/``nnx.Linear`` store it.
+    labels : integer array, shape (...)
+        Class indices (probability targets are not supported here).
+    bias : array, shape (V,), optional
+    weight, ignore_index, reduction, label_smoothing, z_loss, softcap, normalizer, zero_if_all_ignored
+        As for :func:`crossent.jax.cross_entropy`.
+    chunk_size : int, optional
+        Rows per chunk; by default as many as keep a chunk's float32 logits within 4 MiB.
+
+    Returns
+    -------
+    jax.Array
+        0-d for ``mean`` and ``sum``, the labels' shape for ``none``; ``hidden``'s dtype.
+
+    Gradients with respect to ``hidden``, ``kernel`` and ``bias`` (accumulated in float32, or float64);
+    none with respect to ``weight`` or ``normalizer`` (they are taken as constants). Out-of-range labels
+    raise IndexError when concrete and give NaN (loss and gradients) under ``jit``, as
+    :func:`crossent.jax.cross_entropy`.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp, crossent.jax as cj
+    >>> h = jnp.ones((4, 8)) / 8
+    >>> k = jnp.zeros((8, 100))
+    >>> print(f"{cj.linear_cross_entropy(h, k, jnp.array([0, 1, 2, 3])):.4f}")  # log(100)
+    4.6052
+    >>> grads = jax.grad(cj.linear_cross_entropy, argnums=(0, 1))(h, k, jnp.array([0, 1, 2, 3]))
+    >>> [g.shape for g in grads]
+    [(4, 8), (8, 100)]
+    """
+    opts = validate.loss_options(
+        reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap, normalizer=normalizer, zero_if_all_ignored=zero_if_all_ignored,
+    )  # fmt: skip
+    hidden, kernel, labels, bias, weight = (as_jax(a) for a in (hidden, kernel, labels, bias, weight))
+    validate.require_floating(jnp, hidden, "hidden")
+    validate.require_floating(jnp, kernel, "kernel")
+    if hidden.ndim < 1 or kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1]:
+        raise ValueError(
+            f"kernel must have shape (D, V) with D = hidden.shape[-1], got hidden {tuple(hidden.shape)} "
+            f"and kernel {tuple(kernel.shape)}"
+        )
+    d, v = (int(s) for s in kernel.shape)
+    if v == 0:
+        raise ValueError(f"kernel of shape {(d, v)} has no classes: expected at least one")
+    if not validate.is_integral(jnp, labels.dtype):
+        raise TypeError(f"labels must hold class indices (an integer dtype), got {validate.dtype_name(labels.dtype)}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match hidden's rows {tuple(hidden.shape[:-1])}")
+    if bias is not None and tuple(bias.shape) != (v,):
+        raise ValueError(f"bias must have shape ({v},), got {tuple(bias.shape)}")
+    if weight is not None:
+        validate.check_weight(jnp, weight, v)
+    validate.check_class_indices(jnp, labels, v, opts.ignore_index)
+    rows = math.prod(labels.shape)
+    if chunk_size is None:
+        chunk = max(1, min(rows, CHUNK_BYTES // (4 * v)))
+    else:
+        chunk = validate.check_int(chunk_size, "chunk_size")
+        if chunk < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size!r}")
+        chunk = min(chunk, max(rows, 1))
+    y = _unsigned_without_wrapping(labels.reshape(rows), v, opts.ignore_index)
+    norm = None if opts.normalizer is None else jnp.asarray(opts.normalizer)
+    st = _Static(rows=rows, chunk=chunk, opts=dataclasses.replace(opts, normalizer=None))
+    loss = _linear(hidden.reshape(rows, d), kernel, bias, y, weight, norm, st)
+    return loss.reshape(labels.shape) if opts.reduction == "none" else loss
