@@ -19,7 +19,7 @@ import torch
 
 from .. import _memory, _native, _reference, _validate
 from .._validate import LossOptions, LossShape
-from ._reduction import mean_denominator_and_scale, reduce_losses
+from ._reduction import checked_normalizer, mean_denominator_and_scale, reduce_losses
 
 _state = {"torch_ops": False}
 
@@ -177,7 +177,8 @@ def cross_entropy_op(
         # Reading target values is free on the CPU; on an accelerator it would synchronise the host.
         _validate.check_class_indices(xp_torch, target, shape.n_classes, ignore_index)
     if opts.normalizer is not None and input.device.type == "cpu" and not _state["torch_ops"]:
-        opts = dataclasses.replace(opts, normalizer=float(opts.normalizer))
+        # Checked again here: under torch.compile the checks before the op could not read it.
+        opts = dataclasses.replace(opts, normalizer=_validate.normalizer_value(opts.normalizer))
     result = _native_loss_and_grad(input, target, weight, shape, opts, compute_grad)
     if result is None:
         result = _torch_loss_and_grad(input, target, weight, shape, opts, compute_grad)
@@ -261,7 +262,8 @@ def _probability_target_grad(ctx: Any, grad_loss, input, target, weight, normali
         log_probs = log_probs * weight.to(log_probs.dtype).view(view)
     upstream = grad_loss.unsqueeze(axis) if ctx.reduction == "none" else grad_loss
     if ctx.reduction == "mean":
-        denom = normalizer if normalizer is not None else math.prod(input.shape) // input.shape[axis]
+        rows = math.prod(input.shape) // input.shape[axis]
+        denom = checked_normalizer(normalizer) if normalizer is not None else rows
         upstream = upstream / denom
     return (-(1 - ctx.label_smoothing) * log_probs * upstream).to(target.dtype)
 
@@ -307,7 +309,7 @@ class InplaceBackward(torch.autograd.Function):
         if not shape.probability_target and input.device.type == "cpu":
             _validate.check_class_indices(xp_torch, target, shape.n_classes, opts.ignore_index)
         if isinstance(opts.normalizer, torch.Tensor) and input.device.type == "cpu" and not _state["torch_ops"]:
-            run_opts = dataclasses.replace(opts, normalizer=float(opts.normalizer))
+            run_opts = dataclasses.replace(opts, normalizer=_validate.normalizer_value(opts.normalizer))
         rows_layout = shape.class_axis == input.ndim - 1 and input.is_contiguous()
         result = (
             _native_loss_and_grad(input, target, weight, shape, run_opts, True, in_place=True) if rows_layout else None
