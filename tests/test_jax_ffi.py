@@ -249,11 +249,28 @@ def test_out_of_range_nll_and_unsigned_without_wrapping() -> None:
         assert np.isnan(nll).all() if reduction == "mean" else np.isnan(nll.reshape(6)[2])
 
 
-@pytest.mark.parametrize("value", [0.0, -2.0, float("nan")])
-def test_normalizer_not_positive_gives_nan(value) -> None:
+@pytest.mark.parametrize("value", [-2.0, float("nan"), float("inf")])
+def test_normalizer_negative_or_not_finite_gives_nan(value) -> None:
     x, target, _ = _data((6, 4), 1, "float32", probability=False)
     loss, grad = _ffi_loss(x, target, None, value, 1, LossOptions(), probability=False)
     assert np.isnan(loss) and np.isnan(grad).all()
+
+
+@pytest.mark.parametrize("zero_if_all_ignored", [False, True])
+def test_normalizer_zero_divides_by_zero(zero_if_all_ignored) -> None:
+    # 0 means what it means on every path (issue 16, item 2): the sum over 0, or 0 with
+    # zero_if_all_ignored, loss and gradient alike.
+    x, target, _ = _data((6, 4), 1, "float32", probability=False)
+    opts = LossOptions(zero_if_all_ignored=zero_if_all_ignored)
+    loss, grad = _ffi_loss(x, target, None, 0.0, 1, opts, probability=False)
+    expected_opts = LossOptions(normalizer=0.0, zero_if_all_ignored=zero_if_all_ignored)
+    expected, expected_grad = _numpy_kernel(x, target, None, 1, expected_opts, probability=False)
+    _assert_same_bits(loss, expected, "loss")
+    _assert_same_bits(grad, expected_grad, "gradient")
+    if zero_if_all_ignored:
+        assert loss == 0 and not grad.any()
+    else:
+        assert np.isposinf(loss)
 
 
 def test_traced_normalizer() -> None:

@@ -60,7 +60,11 @@ Y = np.array([0, 1, 2, 1])
         (lambda: crossent.cross_entropy(X, Y, z_loss=-1.0), ValueError, r"z_loss must be in .* got -1.0"),
         (lambda: crossent.cross_entropy(X, Y, softcap=0.0), ValueError, r"softcap must be in \(0.0, inf\], got 0.0"),
         (lambda: crossent.cross_entropy(X, Y, softcap=float("inf")), ValueError, r"softcap must be finite"),
-        (lambda: crossent.cross_entropy(X, Y, normalizer=0), ValueError, r"normalizer must be in \(0.0, inf\], got 0"),
+        (
+            lambda: crossent.cross_entropy(X, Y, normalizer=-1),
+            ValueError,
+            r"normalizer must be a finite number >= 0 \(what mean divides by\), got -1",
+        ),
         (
             lambda: crossent.cross_entropy(X, Y, reduction="sum", normalizer=4),
             ValueError,
@@ -69,7 +73,7 @@ Y = np.array([0, 1, 2, 1])
         (
             lambda: crossent.cross_entropy(X, Y, normalizer="4"),
             TypeError,
-            r"normalizer must be a positive number or a 0-d array",
+            r"normalizer must be a number >= 0 or a 0-d array",
         ),
         (
             lambda: crossent.cross_entropy(X, Y, weight=np.ones(3, np.int64)),

@@ -141,7 +141,13 @@ def cross_entropy(
         Replaces the logits by ``softcap * tanh(x / softcap)`` before the softmax (Gemma 2).
     normalizer : float or 0-d array, optional, keyword-only
         What ``mean`` divides by instead of torch's denominator, e.g. the global number of target tokens
-        over data-parallel ranks and gradient-accumulation steps.
+        over data-parallel ranks and gradient-accumulation steps; the same for a Python number, a 0-d
+        NumPy array, a 0-d tensor or a JAX array. 0 is allowed and divided by (the sum over 0: NaN or
+        +-inf, as IEEE gives it; 0, gradient included, with ``zero_if_all_ignored``), as a global count
+        is 0 when every target of the global batch is ignored. Negative, NaN or infinite values raise
+        ``ValueError`` where the value can be read without a device synchronisation (Python numbers,
+        NumPy arrays, CPU tensors outside ``torch.compile``'s tracing); elsewhere (a CUDA tensor, a
+        traced tensor, a JAX array or tracer) they make the loss and its gradient NaN.
     zero_if_all_ignored : bool, keyword-only
         With ``mean``, return 0 instead of NaN when the denominator is 0 (every target ignored, or an
         empty batch). The gradient is 0 either way.

@@ -31,7 +31,7 @@ class LossOptions:
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     softcap: float | None = None
-    normalizer: Any = None  # None, a positive number, or a 0-d array of the input's library
+    normalizer: Any = None  # None, a number >= 0, or a 0-d array of the input's library
     zero_if_all_ignored: bool = False
 
 
@@ -196,14 +196,13 @@ def _loss_options(
         if reduction != "mean":
             raise ValueError(f"normalizer only applies to reduction='mean', got reduction={reduction!r}")
         if isinstance(normalizer, numbers.Real) and not isinstance(normalizer, bool):
-            norm = _check_real(normalizer, "normalizer", 0.0, math.inf, low_open=True)
-            if math.isinf(norm):
-                raise ValueError(f"normalizer must be finite, got {normalizer!r}")
-            normalizer = norm
+            normalizer = _check_normalizer(float(normalizer), normalizer)
         elif getattr(normalizer, "shape", None) != ():
-            # A 0-d array (e.g. an all-reduced token count) is accepted unread: reading it would
-            # force a device synchronisation.
-            raise TypeError(f"normalizer must be a positive number or a 0-d array, got {normalizer!r}")
+            raise TypeError(f"normalizer must be a number >= 0 or a 0-d array, got {normalizer!r}")
+        else:
+            value = _host_value(normalizer)
+            if value is not None:
+                _check_normalizer(value, normalizer)
     if not isinstance(zero_if_all_ignored, bool):
         raise TypeError(f"zero_if_all_ignored must be a bool, got {zero_if_all_ignored!r}")
     return LossOptions(
@@ -215,6 +214,36 @@ def _loss_options(
         normalizer=normalizer,
         zero_if_all_ignored=zero_if_all_ignored,
     )
+
+
+def normalizer_value(normalizer: Any) -> float:
+    """A normalizer's value as a float, checked; for paths that read it anyway (the CPU kernel)."""
+    return _check_normalizer(float(normalizer), normalizer)
+
+
+def _check_normalizer(value: float, given: Any) -> float:
+    """The normalizer is what ``mean`` divides by, whatever its type: finite and >= 0 (0 included: the
+    global count of a batch whose every target is ignored, see ``zero_if_all_ignored``)."""
+    if not 0.0 <= value < math.inf:  # False for NaN too
+        raise ValueError(f"normalizer must be a finite number >= 0 (what mean divides by), got {given!r}")
+    return value
+
+
+def _host_value(array: Any) -> float | None:
+    """A 0-d array's value where reading it costs no device synchronisation (NumPy, a CPU tensor outside
+    torch.compile's tracing), else None: such a normalizer (a CUDA tensor, a JAX array or tracer) is
+    checked where it is used, where a bad value turns the loss into NaN."""
+    if isinstance(array, (np.ndarray, np.generic)):
+        return float(array)
+    if type(array).__module__.startswith("torch") and getattr(getattr(array, "device", None), "type", None) == "cpu":
+        import torch
+
+        if not torch.compiler.is_compiling():
+            try:
+                return float(array.detach())
+            except RuntimeError:  # a tensor under a transform (vmap) has no single value to read
+                return None
+    return None
 
 
 def loss_shape(xp: Any, input: Any, target: Any, axis: Any, *, allow_probabilities: bool) -> LossShape:

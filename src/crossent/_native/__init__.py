@@ -115,8 +115,9 @@ def _target(target: np.ndarray, shape: LossShape, dtype: np.dtype) -> tuple[np.n
     return (target if target.flags.c_contiguous else np.ascontiguousarray(target)), _TARGET_CODES[name]
 
 
-def _normalizer(opts: LossOptions) -> float:
-    return 0.0 if opts.normalizer is None else float(opts.normalizer)
+def _normalizer(opts: LossOptions) -> tuple[bool, float]:
+    """(has_normalizer, value) for the kernel: 0 is a normalizer like any other (mean divides by it)."""
+    return (False, 0.0) if opts.normalizer is None else (True, float(opts.normalizer))
 
 
 def _cross_entropy(
@@ -151,7 +152,7 @@ def _cross_entropy(
         grad_scale = float(grad_output)
     total = extension.cross_entropy(
         x, code, outer, classes, inner, t, kind, _weight(weight, dtype), opts.ignore_index, opts.label_smoothing,
-        opts.z_loss, opts.softcap or 0.0, _REDUCTION_CODES[opts.reduction], _normalizer(opts),
+        opts.z_loss, opts.softcap or 0.0, _REDUCTION_CODES[opts.reduction], *_normalizer(opts),
         opts.zero_if_all_ignored, None if grad is None else _kernel_view(grad)[0], grad_rows, grad_scale, loss_rows,
     )  # fmt: skip
     if loss_rows is not None:
@@ -186,7 +187,7 @@ class NativeKernel:
             loss_rows = np.empty(outer * inner, dtype=_compute_dtype(dtype))
         total = extension.nll_loss(
             x, code, outer, classes, inner, t, kind, _weight(weight, dtype), opts.ignore_index,
-            _REDUCTION_CODES[opts.reduction], _normalizer(opts), opts.zero_if_all_ignored, loss_rows,
+            _REDUCTION_CODES[opts.reduction], *_normalizer(opts), opts.zero_if_all_ignored, loss_rows,
         )  # fmt: skip
         if loss_rows is not None:
             return loss_rows.reshape(shape.batch_shape).astype(dtype)

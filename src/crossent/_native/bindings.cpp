@@ -92,9 +92,9 @@ void require_size(const A& a, int64_t expected, const char* what) {
 
 crossent::LossCall loss_call(const Array& x, int dtype, int64_t outer, int64_t classes, int64_t inner,
                              const Array& target, int target_kind, const Array& weight, int64_t ignore_index,
-                             double label_smoothing, double z_loss, double softcap, int reduction, double normalizer,
-                             bool zero_if_all_ignored, const OutArray& grad, const Array& grad_rows, double grad_scale,
-                             const OutArray& loss_rows) {
+                             double label_smoothing, double z_loss, double softcap, int reduction, bool has_normalizer,
+                             double normalizer, bool zero_if_all_ignored, const OutArray& grad, const Array& grad_rows,
+                             double grad_scale, const OutArray& loss_rows) {
     const int64_t rows = outer * inner;
     require_size(x, rows * classes, "logits");
     const bool probability = target_kind == static_cast<int>(crossent::TargetKind::probability);
@@ -116,6 +116,7 @@ crossent::LossCall loss_call(const Array& x, int dtype, int64_t outer, int64_t c
     call.z_loss = z_loss;
     call.softcap = softcap;
     call.reduction = static_cast<crossent::Reduction>(reduction);
+    call.has_normalizer = has_normalizer;
     call.normalizer = normalizer;
     call.zero_if_all_ignored = zero_if_all_ignored;
     call.grad = grad.is_valid() ? grad.data() : nullptr;
@@ -192,18 +193,18 @@ NB_MODULE(_crossent_native, m) {
         "cross_entropy",
         [](const Array& x, int dtype, int64_t outer, int64_t classes, int64_t inner, const Array& target,
            int target_kind, const Array& weight, int64_t ignore_index, double label_smoothing, double z_loss,
-           double softcap, int reduction, double normalizer, bool zero_if_all_ignored, const OutArray& grad,
-           const Array& grad_rows, double grad_scale, const OutArray& loss_rows) {
+           double softcap, int reduction, bool has_normalizer, double normalizer, bool zero_if_all_ignored,
+           const OutArray& grad, const Array& grad_rows, double grad_scale, const OutArray& loss_rows) {
             const crossent::LossCall call =
                 loss_call(x, dtype, outer, classes, inner, target, target_kind, weight, ignore_index, label_smoothing,
-                          z_loss, softcap, reduction, normalizer, zero_if_all_ignored, grad, grad_rows, grad_scale,
-                          loss_rows);
+                          z_loss, softcap, reduction, has_normalizer, normalizer, zero_if_all_ignored, grad, grad_rows,
+                          grad_scale, loss_rows);
             nb::gil_scoped_release release;
             return g_kernels.cross_entropy(call);
         },
         nb::arg("x"), nb::arg("dtype"), nb::arg("outer"), nb::arg("classes"), nb::arg("inner"), nb::arg("target"),
         nb::arg("target_kind"), nb::arg("weight").none(), nb::arg("ignore_index"), nb::arg("label_smoothing"),
-        nb::arg("z_loss"), nb::arg("softcap"), nb::arg("reduction"), nb::arg("normalizer"),
+        nb::arg("z_loss"), nb::arg("softcap"), nb::arg("reduction"), nb::arg("has_normalizer"), nb::arg("normalizer"),
         nb::arg("zero_if_all_ignored"), nb::arg("grad").none(), nb::arg("grad_rows").none(), nb::arg("grad_scale"),
         nb::arg("loss_rows").none(),
         "Fused softmax cross-entropy over an (outer, classes, inner) view; returns the reduced loss.");
@@ -211,17 +212,18 @@ NB_MODULE(_crossent_native, m) {
     m.def(
         "nll_loss",
         [](const Array& x, int dtype, int64_t outer, int64_t classes, int64_t inner, const Array& target,
-           int target_kind, const Array& weight, int64_t ignore_index, int reduction, double normalizer,
-           bool zero_if_all_ignored, const OutArray& loss_rows) {
+           int target_kind, const Array& weight, int64_t ignore_index, int reduction, bool has_normalizer,
+           double normalizer, bool zero_if_all_ignored, const OutArray& loss_rows) {
             const crossent::LossCall call =
                 loss_call(x, dtype, outer, classes, inner, target, target_kind, weight, ignore_index, 0.0, 0.0, 0.0,
-                          reduction, normalizer, zero_if_all_ignored, OutArray(), Array(), 1.0, loss_rows);
+                          reduction, has_normalizer, normalizer, zero_if_all_ignored, OutArray(), Array(), 1.0,
+                          loss_rows);
             nb::gil_scoped_release release;
             return g_kernels.nll_loss(call);
         },
         nb::arg("x"), nb::arg("dtype"), nb::arg("outer"), nb::arg("classes"), nb::arg("inner"), nb::arg("target"),
         nb::arg("target_kind"), nb::arg("weight").none(), nb::arg("ignore_index"), nb::arg("reduction"),
-        nb::arg("normalizer"), nb::arg("zero_if_all_ignored"), nb::arg("loss_rows").none());
+        nb::arg("has_normalizer"), nb::arg("normalizer"), nb::arg("zero_if_all_ignored"), nb::arg("loss_rows").none());
 
     m.def(
         "softmax",
@@ -271,7 +273,7 @@ NB_MODULE(_crossent_native, m) {
             const int64_t rows = static_cast<int64_t>(x.shape(0)), classes = static_cast<int64_t>(x.shape(1));
             const crossent::LossCall call =
                 loss_call(x, dtype, rows, classes, 1, target, kind, Array(), ignore_index, 0.0, 0.0, 0.0, reduction,
-                          0.0, false, OutArray(), Array(), 1.0, OutArray());
+                          false, 0.0, false, OutArray(), Array(), 1.0, OutArray());
             bool valid;
             double total = 0.0;
             {

@@ -295,6 +295,22 @@ inline Compute<T> load_logit(const Store<T>* x, int64_t i, const Consts<Compute<
     return v;
 }
 
+// x'_c - m for the tiles' positions, given m and, under the soft cap, tm = tanh(max_c x_c / s) (m = s * tm):
+// s * (tanh(x_c / s) - tm), exactly 0 at the maximum and one rounding elsewhere. s * tanh(x_c / s) - m
+// would round s * tanh(...) first, or not at all where the compiler fuses it with the subtraction into an
+// FMA, and differently in different loops: the sum's term at the target then differs from x'_y - m by up
+// to half an ulp of s, which made float losses of a few classes slightly negative.
+template <class T, bool CAP>
+inline Compute<T> shifted_logit(const Store<T>* x, int64_t i, const Consts<Compute<T>>& k, Compute<T> m, Compute<T> tm,
+                                Compute<T>& t) {
+    const Compute<T> v = Elem<T>::load(x[i]);
+    if constexpr (CAP) {
+        t = vtanh(v * k.inv_cap);
+        return k.cap * (t - tm);
+    }
+    return v - m;
+}
+
 // Work below this many logits per thread is not worth waking a thread for (about 10 us of work).
 constexpr int64_t kMinElementsPerThread = 1 << 15;
 // Blocked summation: float partial sums over this many terms, then added in double. Bounds the error
@@ -360,7 +376,7 @@ template <class C>
 double mean_denominator(const LossCall& call) {
     const Layout& L = call.layout;
     const int64_t rows = L.outer * L.inner;
-    if (call.normalizer > 0) return call.normalizer;
+    if (call.has_normalizer) return call.normalizer;
     if (call.target_kind == TargetKind::probability) return static_cast<double>(rows);
     const C* w = static_cast<const C*>(call.weight);
     const int64_t ignore = call.ignore_index;
@@ -405,7 +421,7 @@ struct RowTerms {
 
 // The row's loss and gradient coefficients from its statistics. Shared by both layouts.
 //   s_sum: sum_c exp(x'_c - m); xy: x'_y - m; wx: sum_c w_c (x'_c - m);
-//   wtx: sum_c w_c t_c (x'_c - m); wt: sum_c w_c t_c.
+//   wtx: sum_c w_c t'_c (x'_c - m); wt: sum_c w_c t'_c, for the smoothed probability target t'.
 struct RowSums {
     double m = 0, s_sum = 0, xy = 0, wx = 0, wtx = 0, wt = 0;
 };
@@ -413,7 +429,7 @@ struct RowSums {
 // The row's loss and gradient coefficients from its statistics, for both layouts. Plain scalars in and
 // out so that the strided layout can call it inside a SIMD loop over positions.
 //   m: the shift; s: sum_c exp(x'_c - m); xy: x'_y - m; wx: sum_c w_c (x'_c - m);
-//   wtx: sum_c w_c t_c (x'_c - m); wt: sum_c w_c t_c; wy: w_y; g: upstream gradient of this row.
+//   wtx: sum_c w_c t'_c (x'_c - m); wt: sum_c w_c t'_c (t' smoothed); wy: w_y; g: upstream gradient of this row.
 // Gradient: grad_c = p_c * A - B * w_c (class indices; minus `fix` at the target class), or
 // p_c * A - B * w_c * t'_c (probabilities).
 struct TermConsts {
@@ -432,16 +448,19 @@ inline void loss_terms(const TermConsts k, R m, R s, R xy, R wx, R wtx, R wt, R 
     const R log_s = vlog(s);
     const R lse = m + log_s;
     if constexpr (PROBABILITY) {
-        // t' = (1 - eps) t + eps / C; loss = -sum w t' (x' - m) + log_s * sum w t'.
-        const R wt_s = (1 - eps) * wt + uniform * w_total;
-        const R wtx_s = (1 - eps) * wtx + uniform * wx;
-        loss = log_s * wt_s - wtx_s;
-        A = g * wt_s;
+        // wt and wtx hold the smoothed target t' = (1 - eps) t + eps / C already (see option_sums):
+        // loss = -sum w t' (x' - m) + log_s * sum w t'.
+        loss = log_s * wt - wtx;
+        A = g * wt;
         B = g;
         fix = 0;
+        static_cast<void>(wx);
     } else {
-        // -log p_y = log_s - (x'_y - m); the smoothing term sum_c w_c (-log p_c) = log_s W - wx.
-        loss = (1 - eps) * wy * (log_s - xy) + uniform * (log_s * w_total - wx);
+        // -log p_y = log_s - (x'_y - m); the smoothing term sum_c w_c (-log p_c) = log_s W - wx. A target
+        // without weight (eps = 1, or w_y = 0) contributes 0 even where p_y = 0 (0 * inf would be NaN);
+        // 0 * log_s keeps a row without a finite maximum NaN.
+        const R y_scale = (1 - eps) * wy;
+        loss = (y_scale == 0 ? R(0) * log_s : y_scale * (log_s - xy)) + uniform * (log_s * w_total - wx);
         A = g * ((1 - eps) * wy + uniform * w_total);
         B = g * uniform;
         fix = g * (1 - eps) * wy;
@@ -690,27 +709,37 @@ void online_row(const Store<T>* x, int64_t n, const Consts<Compute<T>>& k, Compu
     S.s_sum = s;
 }
 
-// The sums that label smoothing and probability targets add, against the final maximum; the row is
-// in L2 by now.
+// v * d, but 0 where the weight v is exactly 0: a class without weight contributes nothing to a sum,
+// even where its logit is -inf (0 * -inf would be NaN; torch's loss is NaN there).
+template <class C>
+inline C weighted_term(C v, C d) {
+    return v == C(0) ? C(0) : v * d;
+}
+
+// The sums that label smoothing (class-index targets) and probability targets add, against the final
+// maximum; the row is in L2 by now. Probability targets' sums are of the smoothed target
+// t' = (1 - eps) t + eps / C, summed per class, so that a class whose t' is 0 adds 0 and one whose
+// t' > 0 at a -inf logit adds -inf (an infinite loss, as torch's).
 template <class T, bool CAP>
 void option_sums(const Store<T>* x, const Store<T>* t_row, const Compute<T>* w, int64_t n, const Consts<Compute<T>>& k,
-                 bool need_wx, RowSums& S) {
+                 bool need_wx, Compute<T> eps, Compute<T> uniform, RowSums& S) {
     using C = Compute<T>;
     const C m = static_cast<C>(S.m);
     if (need_wx) {
         S.wx = blocked_sum<C>(n, [&](int64_t c) {
             C t;
             const C d = load_logit<T, CAP>(x, c, k, t) - m;
-            return w[c] * d;
+            return weighted_term(w[c], d);
         });
     }
     if (t_row) {
         S.wtx = blocked_sum<C>(n, [&](int64_t c) {
             C t;
-            const C wt = w[c] * Elem<T>::load(t_row[c]);
-            return wt * (load_logit<T, CAP>(x, c, k, t) - m);
+            const C wt = w[c] * ((C(1) - eps) * Elem<T>::load(t_row[c]) + uniform);
+            return weighted_term(wt, load_logit<T, CAP>(x, c, k, t) - m);
         });
-        S.wt = blocked_sum<C>(n, [&](int64_t c) { return w[c] * Elem<T>::load(t_row[c]); });
+        S.wt = blocked_sum<C>(
+            n, [&](int64_t c) { return w[c] * ((C(1) - eps) * Elem<T>::load(t_row[c]) + uniform); });
     }
 }
 
@@ -828,7 +857,9 @@ double cross_entropy_rows(const LossCall& call) {
     const C* grad_rows = P.grad_rows;
     const Consts<C>& k = P.k;
     const double w_total = P.w_total;
-    const bool need_wx = call.label_smoothing > 0;
+    const bool need_wx = call.label_smoothing > 0 && !probability;  // probability targets: see option_sums
+    const C eps = static_cast<C>(call.label_smoothing);
+    const C uniform = static_cast<C>(call.label_smoothing / static_cast<double>(n));
 
     const double denom = P.denom;
     const double g_scalar = P.g_scalar;
@@ -873,7 +904,7 @@ double cross_entropy_rows(const LossCall& call) {
                 C* e_out = nullptr;
                 if (gr) e_out = row_exps.data();
                 online_row<T, CAP>(xr, n, k, e_out, chunk_shift, S);
-                option_sums<T, CAP>(xr, tr, w, n, k, need_wx, S);
+                option_sums<T, CAP>(xr, tr, w, n, k, need_wx, eps, uniform, S);
                 if (!probability) {
                     C t;
                     S.xy = static_cast<double>(load_logit<T, CAP>(xr, R.y, k, t) - static_cast<C>(S.m));
@@ -922,7 +953,7 @@ double cross_entropy_tiles(const LossCall& call) {
     const C* grad_rows = P.grad_rows;
     const Consts<C>& k = P.k;
     const double w_total = P.w_total;
-    const bool need_wx = call.label_smoothing > 0;
+    const bool need_wx = call.label_smoothing > 0 && !probability;  // probability targets: see option_sums
     const C eps = static_cast<C>(call.label_smoothing);
     const C uniform = static_cast<C>(call.label_smoothing / static_cast<double>(n));
     const TermConsts terms_k = term_consts(call, w_total);
@@ -955,6 +986,7 @@ double cross_entropy_tiles(const LossCall& call) {
         }
         const Store<T>* to = targets ? targets + o * n * inner + i0 * ps : nullptr;
         C m[kTile], part[kTile], A[kTile], B[kTile], fix_c[kTile], keep_c[kTile];
+        C tm[kTile] = {};  // under the soft cap, tanh(max / s): see shifted_logit
         // The sums per position, each added up over the classes (see tile_sum); the options' sums are 0
         // when unused.
         C s_sum[kTile], wx[kTile], wtx[kTile], wt[kTile];
@@ -1006,15 +1038,19 @@ double cross_entropy_tiles(const LossCall& call) {
         // The target's logit, one load per position: cheaper than a compare and select per logit above.
         C x_target[kTile];
         for (int64_t l = 0; l < len; ++l) {
-            C t;
-            const C xt = load_logit<T, CAP>(xo, static_cast<int64_t>(std::max(y[l], 0)) * cs + l * ps, k, t);
+            const C xt = Elem<T>::load(xo[static_cast<int64_t>(std::max(y[l], 0)) * cs + l * ps]);
             x_target[l] = y[l] < 0 ? C(0) : xt;  // a select: no branch on the target
         }
 #pragma omp simd
         for (int64_t l = 0; l < len; ++l) {
-            if constexpr (CAP) m[l] = k.cap * vtanh(m[l] * k.inv_cap);  // tanh is increasing: cap the maximum
+            C d = x_target[l] - m[l];
+            if constexpr (CAP) {
+                tm[l] = vtanh(m[l] * k.inv_cap);  // tanh is increasing: cap the maximum
+                m[l] = k.cap * tm[l];
+                d = k.cap * (vtanh(x_target[l] * k.inv_cap) - tm[l]);  // as shifted_logit
+            }
             m[l] = m[l] == -std::numeric_limits<C>::infinity() ? C(0) : m[l];
-            xy[l] = y[l] < 0 ? C(0) : x_target[l] - m[l];
+            xy[l] = y[l] < 0 ? C(0) : d;
         }
         // One blocked sum per statistic, as in the contiguous layout, vectorised across positions: a
         // block's sum in the compute type, the blocks added in double. Up to kSumBlock classes (the
@@ -1050,14 +1086,14 @@ double cross_entropy_tiles(const LossCall& call) {
         if (stored && go) {
             tile_sum(s_sum, [&](int64_t c, int64_t l) {
                 C t;
-                const C e = vexp(load_logit<T, CAP>(xo, c * cs + l * ps, k, t) - m[l]);
+                const C e = vexp(shifted_logit<T, CAP>(xo, c * cs + l * ps, k, m[l], tm[l], t));
                 go[c * cs + l * ps] = Elem<T>::store(e);
                 return e;
             });
         } else {
             tile_sum(s_sum, [&](int64_t c, int64_t l) {
                 C t;
-                return vexp(load_logit<T, CAP>(xo, c * cs + l * ps, k, t) - m[l]);
+                return vexp(shifted_logit<T, CAP>(xo, c * cs + l * ps, k, m[l], tm[l], t));
             });
         }
         if (!need_wx) std::fill(wx, wx + len, C(0));
@@ -1068,17 +1104,19 @@ double cross_entropy_tiles(const LossCall& call) {
         if (need_wx) {
             tile_sum(wx, [&](int64_t c, int64_t l) {
                 C t;
-                const C d = load_logit<T, CAP>(xo, c * cs + l * ps, k, t) - m[l];
-                return w[c] * d;
+                const C d = shifted_logit<T, CAP>(xo, c * cs + l * ps, k, m[l], tm[l], t);
+                return weighted_term(w[c], d);
             });
         }
-        if (to) {
+        if (to) {  // of the smoothed target, as in option_sums
             tile_sum(wtx, [&](int64_t c, int64_t l) {
                 C t;
-                const C wtc = w[c] * Elem<T>::load(to[c * cs + l * ps]);
-                return wtc * (load_logit<T, CAP>(xo, c * cs + l * ps, k, t) - m[l]);
+                const C wtc = w[c] * ((C(1) - eps) * Elem<T>::load(to[c * cs + l * ps]) + uniform);
+                return weighted_term(wtc, shifted_logit<T, CAP>(xo, c * cs + l * ps, k, m[l], tm[l], t));
             });
-            tile_sum(wt, [&](int64_t c, int64_t l) { return w[c] * Elem<T>::load(to[c * cs + l * ps]); });
+            tile_sum(wt, [&](int64_t c, int64_t l) {
+                return w[c] * ((C(1) - eps) * Elem<T>::load(to[c * cs + l * ps]) + uniform);
+            });
         }
         // The loss and gradient coefficients per position, in one SIMD loop (the log and the divisions
         // dominate at C ~ 20).
@@ -1101,9 +1139,9 @@ double cross_entropy_tiles(const LossCall& call) {
 #pragma omp simd
                 for (int64_t l = 0; l < len; ++l) {
                     C t = 0;
-                    const C xv = load_logit<T, CAP>(xc, l * ps, k, t);
+                    const C d = shifted_logit<T, CAP>(xc, l * ps, k, m[l], tm[l], t);
                     const C target = (C(1) - eps) * Elem<T>::load(tc[l * ps]) + uniform;
-                    const C e = stored ? Elem<T>::load(gc_out[l * ps]) : vexp(xv - m[l]);
+                    const C e = stored ? Elem<T>::load(gc_out[l * ps]) : vexp(d);
                     C gc = e * A[l] - B[l] * wc * target;
                     if constexpr (CAP) gc *= (C(1) - t) * (C(1) + t);
                     gc_out[l * ps] = Elem<T>::store(gc);  // probability targets have no ignored position
@@ -1115,9 +1153,9 @@ double cross_entropy_tiles(const LossCall& call) {
 #pragma omp simd
                     for (int64_t l = 0; l < len; ++l) {
                         C t = 0;
-                        const C xv = load_logit<T, CAP>(xc, l * ps, k, t);
+                        const C d = shifted_logit<T, CAP>(xc, l * ps, k, m[l], tm[l], t);
                         // p * A - B * w_c, minus (1 - eps) w_y g at the target class: the one-hot's 1.
-                        const C e = stored ? Elem<T>::load(gc_out[l * ps]) : vexp(xv - m[l]);
+                        const C e = stored ? Elem<T>::load(gc_out[l * ps]) : vexp(d);
                         C gc = e * A[l];
                         if constexpr (decltype(smoothing)::value) gc -= B[l] * wc;
                         gc -= y[l] == c32 ? fix_c[l] : C(0);
@@ -1214,6 +1252,18 @@ double nll_loss(const LossCall& call) {
 // ---------------------------------------------------------------------------------------------------
 // softmax, log_softmax, logsumexp over the class axis.
 
+// The log-sum-exp of a row whose maximum is +inf, as torch gives it: +inf, or NaN if the row also holds
+// a NaN (the shifted sum cannot tell them apart: exp(inf - inf) is NaN either way). A rare path, off the
+// loops over classes.
+template <class T>
+double lse_of_infinite_row(const Store<T>* x, int64_t n, int64_t stride) {
+    for (int64_t c = 0; c < n; ++c) {
+        const Compute<T> v = Elem<T>::load(x[c * stride]);
+        if (v != v) return std::numeric_limits<double>::quiet_NaN();
+    }
+    return std::numeric_limits<double>::infinity();
+}
+
 template <class T>
 void softmax_typed(const SoftmaxCall& call) {
     using C = Compute<T>;
@@ -1236,7 +1286,9 @@ void softmax_typed(const SoftmaxCall& call) {
             const C m = row_max<T, false>(xo, n, k);
             const double s = blocked_sum<C>(n, [&](int64_t c) { return vexp(Elem<T>::load(xo[c]) - m); });
             if (call.op == SoftmaxOp::logsumexp) {
-                out[o] = Elem<T>::store(static_cast<C>(static_cast<double>(m) + std::log(s)));
+                const double lse = m == std::numeric_limits<C>::infinity() ? lse_of_infinite_row<T>(xo, n, 1)
+                                                                            : static_cast<double>(m) + std::log(s);
+                out[o] = Elem<T>::store(static_cast<C>(lse));
                 continue;
             }
             Store<T>* oo = out + o * n;
@@ -1275,7 +1327,9 @@ void softmax_typed(const SoftmaxCall& call) {
         }
         if (call.op == SoftmaxOp::logsumexp) {
             for (int64_t l = 0; l < len; ++l) {
-                out[o * inner + i0 + l] = Elem<T>::store(static_cast<C>(static_cast<double>(m[l]) + std::log(s[l])));
+                const double lse = m[l] == std::numeric_limits<C>::infinity() ? lse_of_infinite_row<T>(xo + l, n, inner)
+                                                                               : static_cast<double>(m[l]) + std::log(s[l]);
+                out[o * inner + i0 + l] = Elem<T>::store(static_cast<C>(lse));
             }
             continue;
         }

@@ -35,7 +35,8 @@ struct LossCall {
     double z_loss = 0.0;
     double softcap = 0.0;  // 0: no capping
     Reduction reduction = Reduction::mean;
-    double normalizer = 0.0;  // > 0: what mean divides by; else torch's denominator
+    bool has_normalizer = false;  // true: mean divides by `normalizer` (0 included); else torch's denominator
+    double normalizer = 0.0;
     bool zero_if_all_ignored = false;
     // Outputs, each optional:
     void* grad = nullptr;             // d(loss)/d(x), dtype and layout of x

@@ -8,7 +8,7 @@
 // OpenMP threads, so a batch item gets the same bits as the same call from NumPy.
 //
 // A value cannot raise inside a compiled program: class indices outside [0, classes) (and not
-// ignore_index) and a normalizer that is not positive turn the loss and the gradient they reach into NaN.
+// ignore_index) and a negative, infinite or NaN normalizer turn the loss and the gradient they reach into NaN.
 
 #include <algorithm>
 #include <cmath>
@@ -306,7 +306,10 @@ ffi::Error loss_impl(bool nll, const ffi::AnyBuffer& x, const ffi::AnyBuffer& ta
             const void* p = at(*normalizer, batch.offset(normalizer->dimensions(), b, compute_width(*dtype)));
             const double v = normalizer->element_type() == ffi::DataType::F64 ? *static_cast<const double*>(p)
                                                                               : *static_cast<const float*>(p);
-            all_nan = !(v > 0);  // not positive, or NaN: no finite loss is right
+            // 0 is a valid normalizer (mean divides by it, as for an all-ignored batch); a negative,
+            // infinite or NaN one has no right loss, and no error can be raised under jit.
+            all_nan = !(v >= 0.0 && v < std::numeric_limits<double>::infinity());
+            call.has_normalizer = true;
             call.normalizer = v;
         }
         std::vector<int64_t> bad;

@@ -82,11 +82,26 @@ def _upstream(xp: Any, grad_output: Any, denominator: Any, opts: LossOptions, dt
 
 
 def _mean_denominator(xp: Any, opts: LossOptions, default: Any, dev: Any) -> Any:
-    """What ``mean`` divides by, in the batch-sum dtype (the total is summed in the same)."""
+    """What ``mean`` divides by, in the batch-sum dtype (the total is summed in the same).
+
+    A normalizer that crossent._validate could not read (a JAX tracer, an accelerator's array) and that
+    is negative, NaN or infinite becomes NaN here, so that the loss and gradient are NaN, never finite
+    and wrong; 0 stays 0 (a division by 0, or 0 with ``zero_if_all_ignored``)."""
     denom = default if opts.normalizer is None else opts.normalizer
     if hasattr(denom, "dtype"):
-        return xp.astype(denom, batch_dtype(xp))
-    return xp.asarray(denom, dtype=batch_dtype(xp), device=dev)
+        denom = xp.astype(denom, batch_dtype(xp))
+    else:
+        denom = xp.asarray(denom, dtype=batch_dtype(xp), device=dev)
+    if opts.normalizer is not None:
+        denom = xp.where((denom >= 0) & (denom < math.inf), denom, xp.full_like(denom, math.nan))
+    return denom
+
+
+def _times(xp: Any, weight: Any, log_probs: Any, zero: Any) -> Any:
+    """weight * log_probs, with 0 where the weight is exactly 0 and the log-probability -inf: a class
+    with no weight contributes nothing, even where its probability is 0 (IEEE's 0 * inf is NaN, and
+    so is torch's loss there). A NaN log-probability (a row without a finite maximum) stays NaN."""
+    return xp.where((weight == 0) & xp.isinf(log_probs), zero, weight * log_probs)
 
 
 def _cross_entropy(
@@ -122,15 +137,16 @@ def _cross_entropy(
         if eps > 0:
             t = (1.0 - eps) * t + eps / n_classes
         weighted_t = t if w is None else t * w  # (..., C)
-        per_element = -xp.sum(weighted_t * log_probs, axis=-1)  # (...,)
+        per_element = -xp.sum(_times(xp, weighted_t, log_probs, zero), axis=-1)  # (...,)
         default_denominator = math.prod(shape.batch_shape)
     else:
         terms = _class_index_terms(xp, target, n_classes, opts.ignore_index, w, zero)
         valid = terms.valid
         nll = -xp.sum(xp.where(terms.onehot, log_probs, zero), axis=-1)  # (...,) -log p[target]
-        per_element = terms.target_weight * nll if eps == 0 else (1.0 - eps) * terms.target_weight * nll
+        y_scale = terms.target_weight if eps == 0 else (1.0 - eps) * terms.target_weight
+        per_element = -_times(xp, y_scale, -nll, zero)
         if eps > 0:
-            smooth = -xp.sum(log_probs if w is None else log_probs * w, axis=-1)
+            smooth = -xp.sum(log_probs if w is None else _times(xp, w, log_probs, zero), axis=-1)
             per_element = per_element + (eps / n_classes) * xp.where(valid, smooth, zero)
         default_denominator = xp.sum(xp.astype(terms.target_weight, batch_dtype(xp)))
     if opts.z_loss > 0:

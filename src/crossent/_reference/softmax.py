@@ -13,6 +13,7 @@ IMA J. Numer. Anal. 41 (2021).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +48,7 @@ def batch_dtype(xp: Any) -> Any:
 class RowStats:
     """Per-row statistics over the last axis of ``x`` (shape ``(..., C)``)."""
 
-    shifted: Any  # (..., C): x - m, with m the row maximum (0 for rows without a finite maximum)
+    shifted: Any  # (..., C): x - m, with m the row maximum (0 for a row of all -inf)
     sum_exp: Any  # (..., 1): sum_j exp(x_j - m), in [1, C] for rows with a finite maximum
     lse: Any  # (...,): logsumexp(x) = m + log(sum_exp)
 
@@ -68,12 +69,16 @@ def row_stats(xp: Any, x: Any) -> RowStats:
         m = xp.zeros((*x.shape[:-1], 1), dtype=x.dtype, device=array_api_compat.device(x))
     else:
         m = xp.max(x, axis=-1, keepdims=True)  # (..., 1)
-    # A row of all -inf (or one holding +inf) has no finite maximum to shift by: shift by 0 and let
-    # IEEE arithmetic give torch's answer (NaN log-probabilities) for that row alone.
-    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
-    shifted = x - m  # (..., C), every entry <= 0
+    # torch's rule for rows without a finite maximum (the max propagates NaN): a row of all -inf is
+    # shifted by 0, so that its sum is 0, its log-sum-exp -inf and its (log-)probabilities NaN; a row
+    # holding +inf is shifted by +inf, so that its sum and (log-)probabilities are NaN, while its
+    # log-sum-exp is +inf (NaN if it also holds NaN, whose maximum is NaN).
+    neg_inf = m == -math.inf
+    shift = xp.where(neg_inf, xp.zeros_like(m), m)
+    shifted = x - shift  # (..., C), every entry <= 0
     sum_exp = xp.sum(xp.exp(shifted), axis=-1, keepdims=True)  # (..., 1)
-    return RowStats(shifted=shifted, sum_exp=sum_exp, lse=(m + xp.log(sum_exp))[..., 0])
+    lse = xp.where(m == math.inf, m, shift + xp.log(sum_exp))
+    return RowStats(shifted=shifted, sum_exp=sum_exp, lse=lse[..., 0])
 
 
 def classes_last(xp: Any, x: Any, axis: int) -> Any:

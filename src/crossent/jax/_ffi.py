@@ -10,7 +10,7 @@ Arrays arrive in the kernel's (outer, classes, inner) view; crossent.jax lays th
 everything static (shapes, dtypes, options) before calling here. What cannot be checked inside ``jit``
 gives NaN, never a finite wrong number: a class index outside [0, classes) that is not ``ignore_index``
 makes its row's loss and gradient NaN for ``reduction="none"``, and the whole loss and gradient NaN
-for ``mean`` and ``sum``; so does a normalizer that is not positive.
+for ``mean`` and ``sum``; so does a negative, infinite or NaN normalizer (0 divides by 0, as everywhere).
 
 Under ``vmap`` the call keeps the batch (``vmap_method="expand_dims"``): each batch item is one kernel
 call inside one custom call, and operands shared by the batch are not copied.

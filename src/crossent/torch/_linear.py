@@ -454,6 +454,11 @@ def linear_cross_entropy(
         Classes per chunk; by default all of them, unless 128 rows of the whole vocabulary would take
         more than four budgets (V > 196608 float32 logits, V > 131072 half-precision ones). The logits
         of a vocabulary chunk are computed twice, for the loss and for the gradient.
+    normalizer : float or 0-d Tensor, optional
+        What ``mean`` divides by, 0 included, as for :func:`crossent.cross_entropy`: negative, NaN or
+        infinite values raise where they can be read without a host synchronisation (numbers, CPU
+        tensors in eager mode), and make the loss and its gradients NaN elsewhere (CUDA tensors, traced
+        ones).
 
     Raises
     ------

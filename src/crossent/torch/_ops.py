@@ -20,7 +20,7 @@ import torch
 from .. import _memory, _native, _reference, _validate
 from .._validate import LossOptions, LossShape
 from . import _backend
-from ._reduction import mean_denominator_and_scale, reduce_losses
+from ._reduction import checked_normalizer, mean_denominator_and_scale, reduce_losses
 from ._weight_grad import cross_entropy_weight_grad
 
 # Elements per chunk of the torch-ops path: its temporaries (float32 logits, probabilities, one-hot)
@@ -126,8 +126,10 @@ def compute_loss_and_grad(
     backend = _backend.resolve(input)
     if backend == "native":
         run_opts = opts
-        if isinstance(opts.normalizer, torch.Tensor):  # reading a CPU tensor costs no synchronisation
-            run_opts = dataclasses.replace(opts, normalizer=float(opts.normalizer))
+        if opts.normalizer is not None:
+            # Reading a CPU tensor costs no synchronisation; checked again here, since under
+            # torch.compile the checks before the op could not read it.
+            run_opts = dataclasses.replace(opts, normalizer=_validate.normalizer_value(opts.normalizer))
         native_in_place = in_place and shape.class_axis == input.ndim - 1
         result = _native_loss_and_grad(input, target, weight, shape, run_opts, compute_grad, in_place=native_in_place)
         if result is not None:
@@ -308,7 +310,8 @@ def _probability_target_grad(ctx: Any, grad_loss, input, target, weight, normali
         log_probs = log_probs * weight.to(log_probs.dtype).view(view)
     upstream = grad_loss.unsqueeze(axis) if ctx.reduction == "none" else grad_loss
     if ctx.reduction == "mean":
-        denom = normalizer if normalizer is not None else math.prod(input.shape) // input.shape[axis]
+        rows = math.prod(input.shape) // input.shape[axis]
+        denom = checked_normalizer(normalizer) if normalizer is not None else rows
         upstream = upstream / denom
     return (-(1 - ctx.label_smoothing) * log_probs * upstream).to(target.dtype)
 

@@ -11,6 +11,14 @@ from .._reference import reduce_losses as reduce_reference
 from .._validate import LossOptions
 
 
+def checked_normalizer(normalizer: torch.Tensor | float) -> torch.Tensor:
+    """The normalizer as a float64 tensor, NaN where it is negative, NaN or infinite: a value that
+    crossent._validate could not read without a host synchronisation (a CUDA tensor, a tensor traced by
+    torch.compile) makes the loss and its gradient NaN rather than finite and wrong."""
+    denom = torch.as_tensor(normalizer, dtype=torch.float64)
+    return torch.where((denom >= 0) & (denom < torch.inf), denom, torch.full_like(denom, torch.nan))
+
+
 def mean_denominator_and_scale(
     target: torch.Tensor,
     weight: torch.Tensor | None,
@@ -21,9 +29,10 @@ def mean_denominator_and_scale(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(denominator, upstream gradient of each element) in float64, as tensors (no host synchronisation).
 
-    mean: the normalizer if given; else the number of rows for probability targets; else the summed
-    weights of the non-ignored targets. The scale is 1 / denominator, or 0 where the denominator is 0
-    and ``zero_if_all_ignored`` is set. sum and none: (1, 1).
+    mean: the normalizer if given (NaN if negative, NaN or infinite, see checked_normalizer); else the
+    number of rows for probability targets; else the summed weights of the non-ignored targets. The
+    scale is 1 / denominator, or 0 where the denominator is 0 and ``zero_if_all_ignored`` is set. sum
+    and none: (1, 1).
     """
     acc, device = torch.float64, target.device
     if opts.reduction != "mean":
@@ -32,7 +41,7 @@ def mean_denominator_and_scale(
     if normalizer is None:
         normalizer = opts.normalizer
     if normalizer is not None:
-        denom = torch.as_tensor(normalizer, dtype=acc, device=device)
+        denom = checked_normalizer(torch.as_tensor(normalizer, dtype=acc, device=device))
     elif target.is_floating_point():
         denom = torch.tensor(float(rows), dtype=acc, device=device)
     else:

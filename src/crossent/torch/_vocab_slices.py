@@ -6,7 +6,9 @@ ranks and are combined by all-reduces, and the linear loss at huge vocabularies 
 whose slices are chunks of the vocabulary computed one after another and combined locally.
 
 Per row, a slice gives its log-sum-exp l_k and raw sums (the target's logit if the slice holds it, and
-as the options need them sum_c w_c x_c, sum_c w_c t_c x_c, sum_c w_c t_c). The combination shifts by
+as the options need them sum_c w_c x_c, sum_c w_c t'_c x_c, sum_c w_c t'_c, with t' the smoothed
+probability target; a term whose weight is exactly 0 adds 0, even at a -inf logit). A slice of -inf
+logits (l_k = -inf) contributes exactly nothing: exp(l_k - m) = 0, and a zero gradient. The combination shifts by
 m = max_k l_k: sum_c exp(x_c - m) = sum_k exp(l_k - m), which lies in [1, slices] and so never overflows,
 and each raw sum is shifted by m times its weight total, so that only differences of nearby numbers
 are taken.
@@ -89,6 +91,12 @@ def _capped(local: torch.Tensor, opts: LossOptions) -> tuple[torch.Tensor, torch
     return opts.softcap * tanh_x, tanh_x
 
 
+def _weighted_sum(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_c weights_c * x_c per row, with 0 for the terms whose weight is exactly 0 (where x_c may be
+    -inf: IEEE's 0 * -inf is NaN)."""
+    return torch.where(weights == 0, torch.zeros((), dtype=x.dtype, device=x.device), weights * x).sum(1)
+
+
 def slice_statistics(local: torch.Tensor, target: torch.Tensor, sl: VocabSlice, opts: LossOptions) -> SliceStats:
     """One slice's numbers per row, from (rows, V_slice) logits; ``target`` holds global class ids, or
     the slice's class probabilities."""
@@ -98,10 +106,13 @@ def slice_statistics(local: torch.Tensor, target: torch.Tensor, sl: VocabSlice, 
     w_local = sl.local_weight(x.dtype)
     sums, weights = [], []
     if target.is_floating_point():
-        wt = target.to(x.dtype) if w_local is None else target.to(x.dtype) * w_local
+        eps = opts.label_smoothing
+        t = target.to(x.dtype) if eps == 0 else (1 - eps) * target.to(x.dtype) + eps / sl.total
+        wt = t if w_local is None else t * w_local
         wt_sum = wt.sum(1)
-        sums += [torch.linalg.vecdot(wt, x), wt_sum]
+        sums += [_weighted_sum(wt, x), wt_sum]
         weights += [wt_sum, torch.zeros_like(wt_sum)]
+        return SliceStats(lse, sums, weights)  # the smoothing is in t' already
     else:
         local_y = target - sl.start
         mine = (target != opts.ignore_index) & (local_y >= 0) & (local_y < sl.end - sl.start)
@@ -113,7 +124,7 @@ def slice_statistics(local: torch.Tensor, target: torch.Tensor, sl: VocabSlice, 
         if w_local is None:
             wx, w_sum = x.sum(1), torch.full((x.shape[0],), float(x.shape[1]), dtype=x.dtype, device=x.device)
         else:
-            wx, w_sum = x @ w_local, w_local.sum().expand(x.shape[0])
+            wx, w_sum = _weighted_sum(w_local.expand_as(x), x), w_local.sum().expand(x.shape[0])
         sums.append(wx)
         weights.append(w_sum)
     return SliceStats(lse, sums, weights)
@@ -131,7 +142,9 @@ def combine(
     over the first axis of stacked statistics. ``RowTerms.lse_local`` is this call's ``stats.lse``.
     """
     m = reduce_max(stats.lse.clone())
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an all -inf row shifts by 0
+    # torch's rule: an all -inf row shifts by 0 (its loss is NaN: log 0 - -inf); a row holding +inf (or
+    # NaN) shifts by it, so that its loss and gradient are NaN.
+    m = torch.where(m == -torch.inf, torch.zeros_like(m), m)
     columns = [torch.exp(stats.lse - m)] + [s - w * m for s, w in zip(stats.sums, stats.weights, strict=True)]
     packed = reduce_sum(torch.stack(columns, -1))  # (rows, k)
     log_s = torch.log(packed[:, 0])
@@ -141,10 +154,8 @@ def combine(
     w_total = float(sl.total) if w is None else w.sum()
     uniform = eps / sl.total
     if target.is_floating_point():
-        wtx, wt_sum = packed[:, 1], packed[:, 2]
-        wx = packed[:, 3] if eps > 0 else torch.zeros_like(log_s)
-        wt_s = (1 - eps) * wt_sum + uniform * w_total
-        loss = log_s * wt_s - ((1 - eps) * wtx + uniform * wx)
+        wtx, wt_s = packed[:, 1], packed[:, 2]  # of the smoothed target t'
+        loss = log_s * wt_s - wtx
         A, B, fix = wt_s, torch.ones_like(log_s), torch.zeros_like(log_s)
         valid = torch.ones(log_s.shape, dtype=torch.bool, device=log_s.device)
     else:
@@ -157,7 +168,10 @@ def combine(
         safe = torch.where(valid & ~outside, target, 0)
         w_y = torch.where(valid, torch.ones_like(log_s) if w is None else w[safe], torch.zeros_like(log_s))
         w_y = torch.where(outside, torch.full_like(w_y, torch.nan), w_y)
-        loss = (1 - eps) * w_y * (log_s - xy) + uniform * (log_s * w_total - wx)
+        # A target without weight (eps = 1, w_y = 0) adds 0 even at p_y = 0; 0 * log_s keeps a row
+        # without a finite maximum NaN.
+        y_scale = (1 - eps) * w_y
+        loss = torch.where(y_scale == 0, 0 * log_s, y_scale * (log_s - xy)) + uniform * (log_s * w_total - wx)
         A = (1 - eps) * w_y + uniform * w_total
         B = torch.full_like(log_s, uniform)
         fix = (1 - eps) * w_y
@@ -183,7 +197,11 @@ def _global_softmax_(
     if view is not None and out_view is not None and out.is_contiguous():
         _native.KERNEL.softmax(view, 1, out=out_view)
         factor = torch.exp(terms.lse_local - terms.lse)  # 0 for a slice of -inf logits
-        return out.mul_((factor * row_scale)[:, None])
+        out.mul_((factor * row_scale)[:, None])
+        # The softmax of a slice of -inf logits is NaN (0 / 0) where its share of the row's is 0: such a
+        # slice contributes nothing when the row has a finite log-sum-exp (else the row is NaN, as torch's).
+        empty = torch.isneginf(terms.lse_local) & torch.isfinite(terms.lse)
+        return out.index_fill_(0, torch.nonzero(empty).squeeze(1), 0.0)
     torch.sub(x, terms.lse[:, None], out=out)
     return out.exp_().mul_(row_scale[:, None])
 

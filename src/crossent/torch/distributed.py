@@ -12,7 +12,7 @@ weight total) of counted targets once; passing it as ``normalizer=`` to each ran
 micro-batch's loss makes their sum exactly the single-process mean, gradients included.
 
 Bytes communicated per token (row), forward: 4 bytes for the max plus 4 * k bytes for the packed sums
-(k = 2 plain, 3 with label smoothing, 4-5 with probability targets), each all-reduced — against
+(k = 2 plain, 3 with label smoothing or probability targets), each all-reduced — against
 4 * V bytes per token to gather float32 logits. At V = 256k: 12 bytes against 1 MiB per token, for 8
 ranks or 64 (a ring all-reduce moves about twice the payload per rank, whatever the rank count).
 """
@@ -73,7 +73,9 @@ def global_target_count(
 
     Pass the targets of all of this rank's micro-batches; one SUM all-reduce follows. Use the result as
     ``normalizer=`` in every micro-batch's loss, then sum the losses (or accumulate the gradients): the
-    total is the mean over the global batch, exactly.
+    total is the mean over the global batch, exactly. When every target of the global batch is ignored
+    the count is 0, and the losses divide by it (NaN, with zero gradients); pass
+    ``zero_if_all_ignored=True`` to the losses for 0 instead.
     """
     parts = [targets] if isinstance(targets, torch.Tensor) else list(targets)
     total = torch.zeros((), dtype=torch.float64)
