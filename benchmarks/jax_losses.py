@@ -1,7 +1,7 @@
 """Benchmark crossent.jax against optax and a hand-written jax.nn.logsumexp loss, all under jax.jit.
 
-    python benchmarks/jax.py            # 4096x32768 and 8x21x256x256 float32, linear loss at 2048x512x32768
-    python benchmarks/jax.py --quick    # small sizes, to check that it runs end to end
+    python benchmarks/jax_losses.py            # 4096x32768 and 8x21x256x256 float32, linear loss at 2048x512x32768
+    python benchmarks/jax_losses.py --quick    # small sizes, to check that it runs end to end
 
 Forward and value_and_grad, timed in turns in one process (crossent.bench.rounds_in_turns), the
 backend crossent.jax used ("ffi" or "jnp") recorded beside each figure. The linear loss's compiled
@@ -18,17 +18,14 @@ import statistics
 import sys
 from typing import Any
 
-# Run as a script, this file's directory comes first on sys.path, where this file would be "jax" itself.
-sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != pathlib.Path(__file__).parent.resolve()]
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-import crossent.jax as cj  # noqa: E402
-import jax  # noqa: E402
-from crossent.bench import write_report  # noqa: E402
-from crossent.bench.suite import rounds_in_turns  # noqa: E402
+import crossent.jax as cj
+from crossent.bench import write_report
+from crossent.bench.suite import rounds_in_turns
 
 
 def _handwritten(x: Any, y: Any, axis: int) -> Any:
