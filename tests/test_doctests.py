@@ -13,6 +13,8 @@ MODULES = [
     "crossent._config",
     "crossent.torch._functional",
     "crossent.torch._linear",
+    "crossent._token_stats",
+    "crossent.torch._token_stats",
 ]
 
 
