@@ -67,6 +67,22 @@ def _chunk_shape(
     return rows, max(1, _CHUNK_BUDGET_BYTES // (rows * per_class))
 
 
+# Half-precision weights: one chunk of all the rows and blocks of the vocabulary (_sweep_vocab_chunks),
+# so that each block of the weight gradient is computed once and written in the weight's dtype, where
+# row chunks would need a float32 copy of the whole weight gradient to accumulate into (at V = 131072,
+# D = 1024: 512 MiB held through the step, for a 256 MiB bfloat16 gradient). The price is the logits
+# computed twice (a fourth matmul), on large products (all rows x a block). Blocks are at least this
+# many classes, whatever the row count: the buffer is then at most 512 / V of the naive logits.
+_MIN_VOCAB_BLOCK = 512
+
+
+def _half_chunk(n_rows: int, n_classes: int, itemsize: int) -> tuple[int, int]:
+    """(rows, classes) of the default chunks for half-precision weights: all the rows, a vocabulary
+    block of one budget (at least _MIN_VOCAB_BLOCK classes)."""
+    rows = max(1, n_rows)
+    return rows, min(n_classes, max(_MIN_VOCAB_BLOCK, _CHUNK_BUDGET_BYTES // (rows * _bytes_per_class(itemsize))))
+
+
 def _chunk_loss(
     logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, opts: LossOptions,
     upstream: torch.Tensor | None,
@@ -186,7 +202,9 @@ def _sweep(
     """One pass over the counted rows: per-row losses, and with ``upstream`` (per row) the gradients."""
     n = x.shape[0]
     per_row = torch.zeros(n, dtype=compute_dtype(x.dtype), device=x.device)
-    grads = None if upstream is None else _grad_buffers(x, W, b)
+    # One chunk of half-precision rows: the weight gradient's one product is written in its dtype.
+    one_pass = chunk >= rows.numel() and W.dtype != compute_dtype(W.dtype)
+    grads = None if upstream is None else _grad_buffers(x, W, b, dW_dtype=W.dtype if one_pass else None)
     # One buffer holds a chunk's logits, then (overwritten in place) their gradient.
     mm_dtype = _matmul_dtype(x)
     buffer = _buffer((min(chunk, max(1, rows.numel())), W.shape[0]), mm_dtype, x.device)
@@ -200,10 +218,23 @@ def _sweep(
             dx, dW, db = grads
             dlogits = logits  # now the gradient
             dx.index_copy_(0, idx, _input_grad(dlogits, W).to(dx.dtype))
-            dW.addmm_(dlogits.t().to(dW.dtype), x_c.to(dW.dtype))  # float32 accumulation over chunks
+            if one_pass:
+                _write_weight_grad(dW, dlogits, x_c)
+            else:
+                dW.addmm_(dlogits.t().to(dW.dtype), x_c.to(dW.dtype))  # float32 accumulation over chunks
             if db is not None:
                 db += dlogits.sum(0, dtype=db.dtype)
     return per_row, grads
+
+
+def _write_weight_grad(dW_block: torch.Tensor, dlogits: torch.Tensor, x_c: torch.Tensor) -> None:
+    """dW_block = dlogits.T @ x_c, accumulated in float32 and written once in dW_block's (half) dtype;
+    a float32 product goes through a temporary of at most _MATMUL_CLASS_BLOCK classes."""
+    if x_c.dtype == dW_block.dtype:  # half-precision matrix instructions accumulate in float32
+        torch.mm(dlogits.t().to(x_c.dtype), x_c, out=dW_block)
+        return
+    for v0, v1 in _class_blocks(dW_block.shape[0]):
+        dW_block[v0:v1].copy_(dlogits[:, v0:v1].t().to(x_c.dtype) @ x_c)
 
 
 def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, *, zero: bool = False) -> torch.Tensor:
@@ -225,13 +256,14 @@ def _vocab_part(
 
 
 def _grad_buffers(
-    x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None
+    x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, *, dW_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Zeroed gradients of the input, the weight and the bias; the last two in float32 (float64 for a
-    float64 weight), whatever the weight's dtype, since they accumulate over the chunks."""
+    float64 weight), whatever the weight's dtype, since they accumulate over the chunks (the weight's
+    in ``dW_dtype`` where each of its blocks is written once, see _sweep_vocab_chunks)."""
     acc = compute_dtype(W.dtype)
     dx = _buffer(tuple(x.shape), x.dtype, x.device, zero=True)
-    dW = _buffer(tuple(W.shape), acc, x.device, zero=True)
+    dW = _buffer(tuple(W.shape), dW_dtype or acc, x.device, zero=True)
     return dx, dW, None if b is None else _buffer((W.shape[0],), acc, x.device, zero=True)
 
 
@@ -249,13 +281,19 @@ def _sweep_vocab_chunks(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]:
     """_sweep for a vocabulary too large for one chunk of rows: each chunk's logits are computed a
     vocabulary chunk at a time, for the chunks' statistics (combined by crossent.torch._vocab_slices
-    into the loss), then once more for the gradient."""
+    into the loss), then once more for the gradient.
+
+    With all the rows in one chunk (the default for half-precision weights, _half_chunk), each block
+    of the weight's gradient gets its one product, dlogits[:, block].T @ x, accumulated in float32
+    inside the matmul, and is written once in the weight's dtype: no float32 copy of the whole
+    weight gradient is held."""
     n, d = x.shape
     v = W.shape[0]
     compute = compute_dtype(x.dtype)
     per_row = torch.zeros(n, dtype=compute, device=x.device)
     bounds = [(start, min(v, start + vocab_chunk)) for start in range(0, v, vocab_chunk)]
-    grads = None if upstream is None else _grad_buffers(x, W, b)
+    one_pass = chunk >= rows.numel() and W.dtype != compute_dtype(W.dtype)
+    grads = None if upstream is None else _grad_buffers(x, W, b, dW_dtype=W.dtype if one_pass else None)
     size = min(chunk, max(1, rows.numel())) * vocab_chunk
     mm_dtype = _matmul_dtype(x)
     buffer = _buffer((size,), mm_dtype, x.device)  # one vocabulary chunk's logits
@@ -281,7 +319,10 @@ def _sweep_vocab_chunks(
             terms_k = dataclasses.replace(terms, lse_local=stats[k].lse)
             dlogits = slice_gradient(logits, t_k, sl, opts, terms_k, g_c, out=out)
             dx_c += _input_grad(dlogits.to(mm_dtype), W[v0:v1]).to(compute)
-            dW[v0:v1].addmm_(dlogits.t().to(dW.dtype), x_c.to(dW.dtype))  # float32 accumulation over chunks
+            if one_pass:
+                _write_weight_grad(dW[v0:v1], dlogits, x_c)
+            else:
+                dW[v0:v1].addmm_(dlogits.t().to(dW.dtype), x_c.to(dW.dtype))  # float32 accumulation over chunks
             if db is not None:
                 db[v0:v1] += dlogits.sum(0, dtype=dW.dtype)
         dx.index_copy_(0, idx, dx_c.to(dx.dtype))
@@ -496,5 +537,10 @@ def prepare_arguments(
     norm = opts.normalizer
     if norm is not None and not isinstance(norm, torch.Tensor):
         norm = torch.tensor(float(norm), dtype=torch.float64, device=input.device)
-    chunk = _chunk_shape(n_classes, _matmul_dtype(input).itemsize, chunk_size, vocab_chunk_size)
+    itemsize = _matmul_dtype(input).itemsize
+    if linear_weight.dtype in (torch.float16, torch.bfloat16) and chunk_size is None and total_classes is None:
+        chunk = _half_chunk(x2.shape[0], n_classes, itemsize) if vocab_chunk_size is None else (
+            x2.shape[0], vocab_chunk_size)  # fmt: skip
+    else:
+        chunk = _chunk_shape(n_classes, itemsize, chunk_size, vocab_chunk_size)
     return LinearArguments(x2, t2, norm, chunk, batch)
