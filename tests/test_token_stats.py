@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 import crossent
-from crossent._dispatch import use_native
-
 import oracle
+from crossent._dispatch import use_native
 
 torch = pytest.importorskip("torch")
 ct = pytest.importorskip("crossent.torch")

@@ -234,7 +234,7 @@ def token_stats(
     rows, classes = input.shape
     t, kind = _target(target, LossShape(1, classes, (rows,), False), input.dtype)
     cdt = _compute_dtype(input.dtype)
-    outs = [np.empty(rows, dtype=cdt) for _ in range(3)]
+    outs: list[np.ndarray] = [np.empty(rows, dtype=cdt) for _ in range(3)]
     ups = [None if g is None else np.ascontiguousarray(np.asarray(g, dtype=cdt).reshape(rows)) for g in upstream or ()]
     if len(ups) < 3:
         ups = [None, None, None]

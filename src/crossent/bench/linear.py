@@ -173,8 +173,10 @@ def run_linear_suite(
         rows.append({"case": case.name, **json.loads(out.stdout.strip().splitlines()[-1])})
         if progress is not None:  # each result as it comes: a long run stopped early keeps what it measured
             row = rows[-1]
-            result = (f"first {row['seconds_first']:.3f} s, steady {row['seconds']:.3f} s, +{row['extra_peak_mib']:.0f} MiB "
-                      f"extra peak, {row['overhead_mib']:.0f} MiB beyond the returned gradients")  # fmt: skip
+            result = (
+                f"first {row['seconds_first']:.3f} s, steady {row['seconds']:.3f} s, "
+                f"+{row['extra_peak_mib']:.0f} MiB extra peak, {row['overhead_mib']:.0f} MiB overhead"
+            )
             progress(f"linear {case.name} {variant}: {result}", index + 1, len(jobs))
     if progress is not None:
         progress("done", len(jobs), len(jobs))

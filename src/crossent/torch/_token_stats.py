@@ -51,7 +51,9 @@ def _rows_stats(
     assert xv is not None and tv is not None
     ups = None
     if upstream is not None:
-        ups = tuple(None if g is None else _numpy_view(g.detach().to(compute_dtype(x.dtype)).contiguous()) for g in upstream)
+        ups = tuple(
+            None if g is None else _numpy_view(g.detach().to(compute_dtype(x.dtype)).contiguous()) for g in upstream
+        )
     gv = None if grad is None else _numpy_view(grad)
     outs = _native.token_stats(xv, tv, ignore_index, temperature, upstream=ups, grad=gv)  # type: ignore[arg-type]
     return tuple(torch.from_numpy(v) for v in outs)
