@@ -371,6 +371,16 @@ def test_linear_chunks_stay_within_the_memory_budget_at_any_vocabulary():
             assert chunk_bytes <= _CHUNK_BUDGET_BYTES
 
 
+def test_linear_chunks_of_whole_rows_when_small_against_the_input():
+    from crossent.torch._linear import _chunk_shape
+
+    # 128 rows of V = 262144 float32 (128 MiB) are past the split threshold, but only an eighth of
+    # 1024 rows' logits: no fourth matmul for a few percent of the naive loss's memory.
+    assert _chunk_shape(262144, 4, None, None, n_rows=1024) == (128, 262144)
+    assert _chunk_shape(262144, 4, None, None, n_rows=1023)[1] < 262144
+    assert _chunk_shape(262144, 4, None, None)[1] < 262144
+
+
 def test_linear_cross_entropy_probability_targets():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
