@@ -51,8 +51,9 @@ _VOCAB_SPLIT_BUDGETS = 4
 # ... unless the chunk of whole rows is at most this fraction of the rows (so its buffer is at most an
 # eighth of the naive N x V logits, a few percent of the naive loss's memory, which also holds their
 # gradient): the split's fourth matmul then buys little memory for its time (measured on the 2-core
-# machine, N=1024 D=256 V=262144 float32, steps in turns in one process under heavy load from other
-# jobs: 84.6 s split against 69.0 s unsplit in 128-row chunks).
+# machine, N=1024 D=256 V=262144 float32, three steps each in turns in one process under heavy load
+# from other jobs: best 68.2 s, median 84.6 s split; best 38.4 s, median 48.9 s unsplit in 128-row
+# chunks).
 _WHOLE_ROWS_FRACTION = 8
 
 
