@@ -6,6 +6,11 @@ The fused loss against the naive loss and torch's chunked one; the drop-in loss 
                                            # N=4096 D=1024 V=131072 bf16
     python benchmarks/linear.py --quick
 
+Each variant runs in a process of its own (crossent.bench.linear): its first step, then steady-state
+steps after it (best and median), and its memory: the raw extra peak and the overhead beyond the
+gradients every variant must return (input and weight gradients in the parameters' dtype), which
+counts what is kept between steps (crossent's buffer cache: `crossent_cache_mib`).
+
 Prints tables and writes JSON with machine metadata to benchmarks/results/linear-<time>.json (or --out).
 """
 

@@ -134,3 +134,18 @@ def assert_close(actual: Any, expected: Any, dtype: Any, *, what: str = "", scal
     np.testing.assert_allclose(
         actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale, equal_nan=True, err_msg=what
     )
+
+
+def token_stats(x: Any, target: Any, *, axis: int = -1, temperature: float = 1.0, ignore_index: int = -100) -> Any:
+    """(log_prob, entropy, logsumexp) of x / temperature per position, from torch.log_softmax and
+    torch.logsumexp on a float64 tensor (differentiable; 0 at ignored positions). The entropy is
+    lse - sum p z with z's -inf entries (p = 0) replaced by 0, so that 0 * -inf does not make NaN."""
+    z = torch.movedim(x, axis, -1) / temperature
+    lse = torch.logsumexp(z, -1)
+    log_p = torch.log_softmax(z, -1)
+    finite_z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+    entropy = lse - (log_p.exp() * finite_z).sum(-1)
+    valid = target != ignore_index
+    log_prob = log_p.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
+    zero = torch.zeros_like(lse)
+    return torch.where(valid, log_prob, zero), torch.where(valid, entropy, zero), torch.where(valid, lse, zero)

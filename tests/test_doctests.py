@@ -17,6 +17,8 @@ MODULES = [
     "crossent.jax._functional",
     "crossent.jax._optax",
     "crossent.jax._linear",
+    "crossent._token_stats",
+    "crossent.torch._token_stats",
 ]
 
 

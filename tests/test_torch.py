@@ -371,6 +371,16 @@ def test_linear_chunks_stay_within_the_memory_budget_at_any_vocabulary():
             assert chunk_bytes <= _CHUNK_BUDGET_BYTES
 
 
+def test_linear_chunks_of_whole_rows_when_small_against_the_input():
+    from crossent.torch._linear import _chunk_shape
+
+    # 128 rows of V = 262144 float32 (128 MiB) are past the split threshold, but only an eighth of
+    # 1024 rows' logits: no fourth matmul for a few percent of the naive loss's memory.
+    assert _chunk_shape(262144, 4, None, None, n_rows=1024) == (128, 262144)
+    assert _chunk_shape(262144, 4, None, None, n_rows=1023)[1] < 262144
+    assert _chunk_shape(262144, 4, None, None)[1] < 262144
+
+
 def test_linear_cross_entropy_probability_targets():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
@@ -385,8 +395,18 @@ def test_linear_cross_entropy_probability_targets():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("matmul", ["float32", "input dtype"])
-@pytest.mark.parametrize("vocab_chunk_size", [None, 64])
-def test_linear_cross_entropy_in_half_precision(dtype, matmul, vocab_chunk_size, monkeypatch):
+@pytest.mark.parametrize(
+    ("chunk_size", "vocab_chunk_size", "budget"),
+    [
+        (16, None, None),
+        (16, 64, None),
+        # The defaults for half-precision weights: all rows in one chunk, the weight gradient written
+        # once per vocabulary block in the weight's dtype (whole vocabulary, or blocks of a small budget).
+        (None, None, None),
+        (None, None, 40 * 64 * 4),
+    ],
+)
+def test_linear_cross_entropy_in_half_precision(dtype, matmul, chunk_size, vocab_chunk_size, budget, monkeypatch):
     # Both matmul paths, whatever this CPU has: float32 matmuls (CPUs without half-precision matrix
     # instructions), whose float32 logits give a loss as exact as its rounding to `dtype`; and matmuls
     # in the input's dtype (CPUs with them, GPUs), whose logits are rounded to `dtype` as torch's
@@ -395,6 +415,9 @@ def test_linear_cross_entropy_in_half_precision(dtype, matmul, vocab_chunk_size,
     from crossent.torch import _linear
 
     monkeypatch.setattr(_linear, "_matmul_dtype", lambda t: torch.float32 if matmul == "float32" else t.dtype)
+    if budget is not None:
+        monkeypatch.setattr(_linear, "_CHUNK_BUDGET_BYTES", budget)
+        monkeypatch.setattr(_linear, "_MIN_VOCAB_BLOCK", 1)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(40, 32, generator=g).to(dtype).requires_grad_(True)
     W = (torch.randn(300, 32, generator=g) / 3).to(dtype).requires_grad_(True)
@@ -402,7 +425,7 @@ def test_linear_cross_entropy_in_half_precision(dtype, matmul, vocab_chunk_size,
     y = torch.randint(0, 300, (40,), generator=g)
     y[::5] = -100
     loss = ct.linear_cross_entropy(
-        x, W, y, linear_bias=b, chunk_size=16, vocab_chunk_size=vocab_chunk_size, label_smoothing=0.05
+        x, W, y, linear_bias=b, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, label_smoothing=0.05
     )
     grads = torch.autograd.grad(loss, (x, W, b))
     assert loss.dtype == dtype and [t.dtype for t in grads] == [dtype] * 3

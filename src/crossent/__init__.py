@@ -9,6 +9,7 @@ from ._config import config, get_num_threads, set_num_threads, show_config
 from ._functional import cross_entropy, cross_entropy_and_grad, log_softmax, logsumexp, nll_loss, softmax
 from ._memory import set_buffer_cache
 from ._modules import CrossEntropyLoss, LogSoftmax, NLLLoss, Softmax
+from ._token_stats import TokenStats, token_stats
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,7 @@ __all__ = [
     "LogSoftmax",
     "NLLLoss",
     "Softmax",
+    "TokenStats",
     "__version__",
     "config",
     "cross_entropy",
@@ -29,4 +31,5 @@ __all__ = [
     "set_num_threads",
     "show_config",
     "softmax",
+    "token_stats",
 ]

@@ -219,3 +219,31 @@ class NativeKernel:
 
 
 KERNEL = NativeKernel()
+
+
+def token_stats(
+    input: np.ndarray,
+    target: np.ndarray,
+    ignore_index: int,
+    temperature: float,
+    *,
+    upstream: tuple[Any, Any, Any] | None = None,
+    grad: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """log_prob, entropy and logsumexp of ``input / temperature`` (rows, classes), each (rows,) in the
+    compute dtype; with ``upstream`` (three per-row arrays or None), their gradient written to ``grad``
+    (the input's dtype and shape; it may be ``input`` itself)."""
+    assert extension is not None
+    x, code = _kernel_view(input)
+    rows, classes = input.shape
+    t, kind = _target(target, LossShape(1, classes, (rows,), False), input.dtype)
+    cdt = _compute_dtype(input.dtype)
+    outs: list[np.ndarray] = [np.empty(rows, dtype=cdt) for _ in range(3)]
+    ups = [None if g is None else np.ascontiguousarray(np.asarray(g, dtype=cdt).reshape(rows)) for g in upstream or ()]
+    if len(ups) < 3:
+        ups = [None, None, None]
+    extension.token_stats(
+        x, code, rows, classes, t, kind, ignore_index, 1.0 / temperature, *outs, *ups,
+        None if grad is None else _kernel_view(grad)[0],
+    )  # fmt: skip
+    return outs[0], outs[1], outs[2]

@@ -244,6 +244,45 @@ NB_MODULE(_crossent_native, m) {
         nb::arg("x"), nb::arg("out"), nb::arg("dtype"), nb::arg("outer"), nb::arg("classes"), nb::arg("inner"),
         nb::arg("op"));
 
+    m.def(
+        "token_stats",
+        [](const Array& x, int dtype, int64_t rows, int64_t classes, const Array& target, int target_kind,
+           int64_t ignore_index, double inv_temperature, const OutArray& log_prob, const OutArray& entropy,
+           const OutArray& logsumexp, const Array& g_log_prob, const Array& g_entropy, const Array& g_logsumexp,
+           const OutArray& grad) {
+            require_size(x, rows * classes, "logits");
+            if (!target.is_valid()) throw nb::value_error("target is required");
+            require_size(target, rows, "target");
+            for (const OutArray* out : {&log_prob, &entropy, &logsumexp}) require_size(*out, rows, "statistic");
+            for (const Array* g : {&g_log_prob, &g_entropy, &g_logsumexp}) require_size(*g, rows, "upstream");
+            require_size(grad, rows * classes, "grad");
+            crossent::TokenStatsCall call;
+            call.x = x.data();
+            call.dtype = static_cast<crossent::DType>(dtype);
+            call.rows = rows;
+            call.classes = classes;
+            call.target = target.data();
+            call.target_kind = static_cast<crossent::TargetKind>(target_kind);
+            call.ignore_index = ignore_index;
+            call.inv_temperature = inv_temperature;
+            call.log_prob = log_prob.is_valid() ? log_prob.data() : nullptr;
+            call.entropy = entropy.is_valid() ? entropy.data() : nullptr;
+            call.logsumexp = logsumexp.is_valid() ? logsumexp.data() : nullptr;
+            call.g_log_prob = data_or_null(g_log_prob);
+            call.g_entropy = data_or_null(g_entropy);
+            call.g_logsumexp = data_or_null(g_logsumexp);
+            call.grad = grad.is_valid() ? grad.data() : nullptr;
+            call.threads = g_threads;
+            nb::gil_scoped_release release;
+            g_kernels.token_stats(call);
+        },
+        nb::arg("x"), nb::arg("dtype"), nb::arg("rows"), nb::arg("classes"), nb::arg("target"),
+        nb::arg("target_kind"), nb::arg("ignore_index"), nb::arg("inv_temperature"), nb::arg("log_prob").none(),
+        nb::arg("entropy").none(), nb::arg("logsumexp").none(), nb::arg("g_log_prob").none(),
+        nb::arg("g_entropy").none(), nb::arg("g_logsumexp").none(), nb::arg("grad").none(),
+        "Per-row log-probability of the target, entropy and logsumexp of x / T over (rows, classes); with "
+        "upstream gradients, their gradient with respect to x.");
+
     def_elementwise<float>(m, "exp", &Kernels::exp_f32);
     def_elementwise<double>(m, "exp", &Kernels::exp_f64);
     def_elementwise<float>(m, "log", &Kernels::log_f32);

@@ -1380,6 +1380,109 @@ void log_f64(const double* in, double* out, int64_t n, int threads) {
     map_array(in, out, n, threads, [](double v) { return vlog(v); });
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Per-token statistics of tempered logits z = x / T (TokenStatsCall), a row at a time: one pass for the
+// maximum m, one for s = sum_c e_c and u = sum_c e_c (z_c - m) with e_c = exp(z_c - m), so that
+// lse = m + log s, entropy = log s - u / s and log p_c = (z_c - m) - log s; with upstream gradients a
+// third pass writes d/dx. A class at z_c = -inf has e_c = 0 and adds 0 to u (not 0 * -inf = NaN).
+//
+// Gradient: with p = softmax(z), H = lse - sum_c p_c z_c, d lse/dz_c = p_c, d log p_y/dz_c = [c = y] - p_c
+// and dH/dz_c = -p_c (z_c - sum_j p_j z_j) = -p_c (log p_c + H); so for upstream (g_lp, g_ent, g_lse)
+//   d/dz_c = g_lp [c = y] + p_c (g_lse - g_lp - g_ent H - g_ent log p_c),  d/dx_c = d/dz_c / T.
+
+inline int64_t token_target(const TokenStatsCall& call, int64_t row) {
+    switch (call.target_kind) {
+        case TargetKind::i32:
+            return target_at<int32_t>(call.target, row);
+        case TargetKind::u8:
+            return target_at<uint8_t>(call.target, row);
+        default:
+            return target_at<int64_t>(call.target, row);
+    }
+}
+
+template <class T>
+void token_stats_typed(const TokenStatsCall& call) {
+    using C = Compute<T>;
+    const int64_t n = call.classes;
+    const Store<T>* x = static_cast<const Store<T>*>(call.x);
+    Store<T>* grad = static_cast<Store<T>*>(call.grad);
+    const C inv_t = static_cast<C>(call.inv_temperature);
+    const C inf = std::numeric_limits<C>::infinity();
+    const int64_t items = (call.rows + kRowsPerItem - 1) / kRowsPerItem;
+    const int threads = thread_count(call.threads, call.rows * n, items);
+    auto put = [](void* out, int64_t r, double v) {
+        if (out) static_cast<C*>(out)[r] = static_cast<C>(v);
+    };
+    auto upstream = [](const void* g, int64_t r) { return g ? static_cast<const C*>(g)[r] : C(0); };
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+    for (int64_t item = 0; item < items; ++item) {
+        const int64_t r_end = std::min(call.rows, (item + 1) * kRowsPerItem);
+        for (int64_t r = item * kRowsPerItem; r < r_end; ++r) {
+            const Store<T>* xr = x + r * n;
+            const int64_t y = token_target(call, r);
+            const bool counted = y != call.ignore_index && y >= 0 && y < n;
+            if (!counted) {  // nothing to compute: 0 for every statistic and gradient
+                put(call.log_prob, r, 0.0);
+                put(call.entropy, r, 0.0);
+                put(call.logsumexp, r, 0.0);
+                if (grad) std::fill(grad + r * n, grad + (r + 1) * n, Elem<T>::store(C(0)));
+                continue;
+            }
+            C xm = -inf;
+#pragma omp simd reduction(max : xm)
+            for (int64_t c = 0; c < n; ++c) xm = std::max(xm, Elem<T>::load(xr[c]));
+            // max(x) / T = max(x / T) (rounding is monotonic); a row of all -inf, or holding +inf or NaN,
+            // is shifted by 0, and IEEE arithmetic gives torch's NaN (or inf) for that row alone.
+            C m = xm * inv_t;
+            if (!(std::abs(m) < inf)) m = 0;
+            double s = 0.0, u = 0.0;
+            for (int64_t b = 0; b < n; b += kSumBlock) {
+                const int64_t e_end = std::min(n, b + kSumBlock);
+                C ps = 0, pu = 0;
+#pragma omp simd reduction(+ : ps, pu)
+                for (int64_t c = b; c < e_end; ++c) {
+                    const C d = Elem<T>::load(xr[c]) * inv_t - m;
+                    const C e = vexp(d);
+                    ps += e;
+                    pu += e > 0 ? e * d : C(0);
+                }
+                s += static_cast<double>(ps);
+                u += static_cast<double>(pu);
+            }
+            const double log_s = std::log(s);
+            const double entropy = log_s - u / s;
+            const double dy = static_cast<double>(Elem<T>::load(xr[y]) * inv_t - m);
+            put(call.log_prob, r, dy - log_s);
+            put(call.entropy, r, entropy);
+            put(call.logsumexp, r, static_cast<double>(m) + log_s);
+            if (!grad) continue;
+            const C g_lp = upstream(call.g_log_prob, r), g_ent = upstream(call.g_entropy, r);
+            const C a = upstream(call.g_logsumexp, r) - g_lp - g_ent * static_cast<C>(entropy);
+            const C inv_s = static_cast<C>(1.0 / s), ls = static_cast<C>(log_s);
+            // The target's own term first: grad may be x itself, and the loop below overwrites x_y.
+            const C p_y = vexp(static_cast<C>(dy)) * inv_s;
+            const C lp_y = static_cast<C>(dy - log_s);
+            const C g_y = (g_lp + (p_y > 0 ? p_y * (a - g_ent * lp_y) : C(0))) * inv_t;
+            Store<T>* gr = grad + r * n;
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) {
+                const C d = Elem<T>::load(xr[c]) * inv_t - m;
+                const C p = vexp(d) * inv_s;
+                gr[c] = Elem<T>::store((p > 0 ? p * (a - g_ent * (d - ls)) : C(0)) * inv_t);
+            }
+            gr[y] = Elem<T>::store(g_y);
+        }
+    }
+}
+
+void token_stats(const TokenStatsCall& call) {
+    with_element_type(call.dtype, [&](auto tag) {
+        token_stats_typed<decltype(tag)>(call);
+        return 0.0;
+    });
+}
+
 }  // namespace
 }  // namespace CROSSENT_CAT(isa_, CROSSENT_ISA)
 
@@ -1388,7 +1491,7 @@ Kernels CROSSENT_CAT(kernels_, CROSSENT_ISA)() {
 #define CROSSENT_STR_(a) #a
 #define CROSSENT_STR(a) CROSSENT_STR_(a)
     return Kernels{CROSSENT_STR(CROSSENT_ISA), isa::cross_entropy, isa::nll_loss, isa::softmax, isa::exp_f32,
-                   isa::exp_f64, isa::log_f32, isa::log_f64};
+                   isa::exp_f64, isa::log_f32, isa::log_f64, isa::token_stats};
 }
 
 }  // namespace crossent

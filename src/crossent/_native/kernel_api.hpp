@@ -55,6 +55,30 @@ struct SoftmaxCall {
     int threads = 1;
 };
 
+// Per-row statistics of tempered logits z = x / T over (rows, classes) with the classes contiguous: the
+// target's log-probability z_t - lse(z), the entropy lse(z) - sum_c p_c z_c, and lse(z); for an ignored
+// (or out-of-range) target 0, 0 and lse(z). With upstream gradients per row (any of the three may be
+// null for zero), d/dx of sum_r g_lp[r] log_prob[r] + g_ent[r] entropy[r] + g_lse[r] lse[r] is written to
+// grad (x's dtype; it may be x itself: each row is read before it is written).
+struct TokenStatsCall {
+    const void* x = nullptr;
+    DType dtype = DType::f32;
+    int64_t rows = 0;
+    int64_t classes = 0;
+    const void* target = nullptr;  // (rows,) class indices
+    TargetKind target_kind = TargetKind::i64;
+    int64_t ignore_index = -100;
+    double inv_temperature = 1.0;
+    void* log_prob = nullptr;  // (rows,) each, compute type, optional
+    void* entropy = nullptr;
+    void* logsumexp = nullptr;
+    const void* g_log_prob = nullptr;  // (rows,) each, compute type, optional
+    const void* g_entropy = nullptr;
+    const void* g_logsumexp = nullptr;
+    void* grad = nullptr;
+    int threads = 1;
+};
+
 struct Kernels {
     const char* isa;
     // Returns the reduced loss (mean or sum) in double; 0 for reduction none (rows go to loss_rows).
@@ -66,6 +90,7 @@ struct Kernels {
     void (*exp_f64)(const double*, double*, int64_t, int);
     void (*log_f32)(const float*, float*, int64_t, int);
     void (*log_f64)(const double*, double*, int64_t, int);
+    void (*token_stats)(const TokenStatsCall&);
 };
 
 Kernels kernels_baseline();

@@ -8,8 +8,13 @@ Variants, each in a process of its own so that its peak resident memory is its o
                  memory, more time
   naive+ct       logits = x @ W.T, then crossent.torch.cross_entropy
   naive+ct-inpl  the same with inplace_backward=True (the gradient overwrites the logits)
-"Extra peak" is the peak RSS (VmHWM) during one forward+backward minus the RSS once the inputs exist.
-Run a child directly: python -m crossent.bench.linear --child VARIANT N D V DTYPE REPEATS
+Each child times its first step (a fresh process: first-touch and first-call costs) and then
+``steady_steps`` more (a training loop's steady state: best and median). "Extra peak" is the highest
+peak RSS (VmHWM) of any step minus the RSS once the inputs exist; "overhead" is that minus the
+gradients every variant must return (input and weight gradients in the parameters' dtype), and since
+what a variant keeps between steps (crossent's buffer cache, allocator caches) stays resident, the
+later steps' peaks count it; "kept" is the RSS between steps, gradients dropped, above the inputs'.
+Run a child directly: python -m crossent.bench.linear --child VARIANT N D V DTYPE STEADY_STEPS
 """
 
 from __future__ import annotations
@@ -28,20 +33,24 @@ class LinearCase:
     d: int
     v: int
     dtype: str
-    repeats: int
+    steady_steps: int  # steps timed after the first (the warm-up)
 
 
 LINEAR_CASES = [
-    LinearCase("N=2048 D=512 V=32768 f32", 2048, 512, 32768, "float32", 3),
+    LinearCase("N=2048 D=512 V=32768 f32", 2048, 512, 32768, "float32", 5),
     # A vocabulary past the split threshold: crossent chunks it too.
-    LinearCase("N=1024 D=256 V=262144 f32", 1024, 256, 262144, "float32", 2),
-    LinearCase("N=4096 D=1024 V=131072 bf16", 4096, 1024, 131072, "bfloat16", 1),
+    LinearCase("N=1024 D=256 V=262144 f32", 1024, 256, 262144, "float32", 3),
+    LinearCase("N=4096 D=1024 V=131072 bf16", 4096, 1024, 131072, "bfloat16", 2),
 ]
-QUICK_LINEAR_CASES = [LinearCase("N=1024 D=256 V=16384 f32", 1024, 256, 16384, "float32", 2)]
+QUICK_LINEAR_CASES = [
+    LinearCase("N=1024 D=256 V=16384 f32", 1024, 256, 16384, "float32", 3),
+    LinearCase("N=128 D=128 V=4096 bf16", 128, 128, 4096, "bfloat16", 2),
+]
 VARIANTS = ("naive", "torch-chunked", "crossent", "crossent-64", "naive+ct", "naive+ct-inpl")
 
 
-def _child(variant: str, n: int, d: int, v: int, dtype_name: str, repeats: int) -> dict[str, Any]:
+def _child(variant: str, n: int, d: int, v: int, dtype_name: str, steady_steps: int) -> dict[str, Any]:
+    import statistics
     import time
 
     import torch
@@ -91,25 +100,58 @@ def _child(variant: str, n: int, d: int, v: int, dtype_name: str, repeats: int) 
         loss.backward()
         return float(loss.detach())
 
-    # The peak of this process alone: ru_maxrss would not do, since Linux carries it over from the parent
-    # across exec. Writing 5 to clear_refs resets VmHWM, the high-water mark, to the current RSS.
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    def reset_peak() -> None:
+        # The peak of this process alone: ru_maxrss would not do, since Linux carries it over from the
+        # parent across exec. Writing 5 to clear_refs resets VmHWM, the high-water mark, to the current RSS.
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    def cache_mib() -> float:
+        import crossent
+
+        return crossent._memory.buffer_cache_bytes()[0] / 2**20
+
+    # The gradients every variant must return, in the parameters' dtype: what a step adds beyond them
+    # is its overhead.
+    returned_mib = (x.numel() + W.numel()) * x.element_size() / 2**20
+    reset_peak()
     base = status_kib("VmRSS:")
     start = time.perf_counter()
-    loss = step()  # the first step: its peak is the memory figure
+    loss = step()  # the first step, in a fresh process: first-touch and first-call costs included
     first = time.perf_counter() - start
-    peak = status_kib("VmHWM:")
-    best = first
-    for _ in range(repeats - 1):
+    first_peak = status_kib("VmHWM:")
+    steady: list[float] = []
+    steady_peak = 0
+    for _ in range(steady_steps):
+        x.grad = W.grad = None  # what is kept between steps (crossent's buffer cache) stays resident
+        reset_peak()
         start = time.perf_counter()
         step()
-        best = min(best, time.perf_counter() - start)
-    return {"variant": variant, "seconds": best, "extra_peak_mib": (peak - base) / 1024, "loss": loss,
-            "repeats": repeats, "torch_threads": torch.get_num_threads()}  # fmt: skip
+        steady.append(time.perf_counter() - start)
+        steady_peak = max(steady_peak, status_kib("VmHWM:"))
+    x.grad = W.grad = None
+    between = status_kib("VmRSS:")
+    extra_peak = (max(first_peak, steady_peak) - base) / 1024
+    return {
+        "variant": variant,
+        "seconds_first": first,
+        "seconds_best": min(steady) if steady else None,
+        "seconds_median": statistics.median(steady) if steady else None,
+        "steady_steps": steady_steps,
+        # The steady-state best where there is one (a training loop's steps), else the first step.
+        "seconds": min(steady) if steady else first,
+        "extra_peak_mib": extra_peak,
+        "first_step_extra_peak_mib": (first_peak - base) / 1024,
+        "returned_grads_mib": returned_mib,
+        "overhead_mib": extra_peak - returned_mib,
+        "kept_between_steps_mib": (between - base) / 1024,
+        "crossent_cache_mib": cache_mib() if variant.startswith(("crossent", "naive+ct")) else 0.0,
+        "loss": loss,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def run_linear_suite(
@@ -120,7 +162,7 @@ def run_linear_suite(
     for index, (case, variant) in enumerate(jobs):
         if progress is not None:
             progress(f"linear {case.name} {variant}", index, len(jobs))
-        args = [variant, str(case.n), str(case.d), str(case.v), case.dtype, str(case.repeats)]
+        args = [variant, str(case.n), str(case.d), str(case.v), case.dtype, str(case.steady_steps)]
         out = subprocess.run(
             [sys.executable, "-m", "crossent.bench.linear", "--child", *args], capture_output=True, text=True
         )
@@ -131,7 +173,10 @@ def run_linear_suite(
         rows.append({"case": case.name, **json.loads(out.stdout.strip().splitlines()[-1])})
         if progress is not None:  # each result as it comes: a long run stopped early keeps what it measured
             row = rows[-1]
-            result = f"{row['seconds']:.3f} s, +{row['extra_peak_mib']:.0f} MiB extra peak"
+            result = (
+                f"first {row['seconds_first']:.3f} s, steady {row['seconds']:.3f} s, "
+                f"+{row['extra_peak_mib']:.0f} MiB extra peak, {row['overhead_mib']:.0f} MiB overhead"
+            )
             progress(f"linear {case.name} {variant}: {result}", index + 1, len(jobs))
     if progress is not None:
         progress("done", len(jobs), len(jobs))
@@ -139,8 +184,11 @@ def run_linear_suite(
 
 
 def format_linear_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'case':<30} {'variant':<14} {'time':>10} {'extra peak':>12} {'time/naive':>11} {'mem/naive':>10}"]
-    lines.append("-" * len(lines[0]))
+    """Times (first step; best and median of the steady steps) and memory (raw extra peak; overhead
+    beyond the returned gradients, counting what is kept between steps), each against naive's."""
+    head = (f"{'case':<30} {'variant':<14} {'first':>8} {'best':>8} {'median':>8} {'best/naive':>10} "
+            f"{'extra peak':>11} {'overhead':>10} {'ovh/naive':>9} {'kept':>8}")  # fmt: skip
+    lines = [head, "-" * len(head)]
     naive = {r["case"]: r for r in rows if r["variant"] == "naive" and r.get("seconds")}
     for r in rows:
         if r.get("seconds") is None:
@@ -148,10 +196,15 @@ def format_linear_table(rows: list[dict[str, Any]]) -> str:
             continue
         base = naive.get(r["case"])
         t_ratio = f"{r['seconds'] / base['seconds']:.2f}" if base else "-"
-        m_ratio = f"{r['extra_peak_mib'] / base['extra_peak_mib']:.2f}" if base and base["extra_peak_mib"] > 0 else "-"
+        m_ratio = f"{r['overhead_mib'] / base['overhead_mib']:.3f}" if base and base["overhead_mib"] > 0 else "-"
+
+        def sec(v: float | None) -> str:
+            return "-" if v is None else f"{v:.3f}s"
+
         lines.append(
-            f"{r['case']:<30} {r['variant']:<14} {r['seconds']:>9.3f}s {r['extra_peak_mib']:>9.0f}MiB "
-            f"{t_ratio:>11} {m_ratio:>10}"
+            f"{r['case']:<30} {r['variant']:<14} {sec(r['seconds_first']):>8} {sec(r['seconds_best']):>8} "
+            f"{sec(r['seconds_median']):>8} {t_ratio:>10} {r['extra_peak_mib']:>8.0f}MiB {r['overhead_mib']:>7.0f}MiB "
+            f"{m_ratio:>9} {r['kept_between_steps_mib']:>5.0f}MiB"
         )
     return "\n".join(lines)
 
@@ -185,5 +238,5 @@ def plot_linear_memory(rows: list[dict[str, Any]], path: str) -> None:
 
 
 if __name__ == "__main__" and len(sys.argv) == 8 and sys.argv[1] == "--child":
-    variant, n, d, v, dtype_name, repeats = sys.argv[2:]
-    print(json.dumps(_child(variant, int(n), int(d), int(v), dtype_name, int(repeats))))
+    variant, n, d, v, dtype_name, steady_steps = sys.argv[2:]
+    print(json.dumps(_child(variant, int(n), int(d), int(v), dtype_name, int(steady_steps))))

@@ -7,6 +7,7 @@ from ._backend import use_backend
 from ._functional import cross_entropy, nll_loss
 from ._linear import linear_cross_entropy
 from ._modules import CrossEntropyLoss, LinearCrossEntropyLoss, NLLLoss
+from ._token_stats import linear_token_stats, token_stats
 
 __all__ = [
     "CrossEntropyLoss",
@@ -14,6 +15,8 @@ __all__ = [
     "NLLLoss",
     "cross_entropy",
     "linear_cross_entropy",
+    "linear_token_stats",
     "nll_loss",
+    "token_stats",
     "use_backend",
 ]

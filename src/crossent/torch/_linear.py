@@ -6,6 +6,9 @@ d(loss)/d(logits) over the logits, and the chunk's share of the gradients is acc
 dW += dlogits.T @ x (in float32), db += sum(dlogits). Only one chunk's logits are ever held. Ignored
 rows are dropped before the matmul. Half-precision inputs on a CPU without half-precision matrix
 instructions are multiplied in float32, a block of the weight at a time (see _matmul_dtype).
+Half-precision weights take, by default, all the rows in one chunk and the vocabulary in blocks
+(_half_chunk): each block of the weight gradient is then one product, written once in the weight's
+dtype, instead of a float32 weight gradient accumulated over row chunks and held through the step.
 """
 
 from __future__ import annotations
@@ -48,6 +51,13 @@ from ._weight_grad import linear_extra_grads
 _CHUNK_BUDGET_BYTES = 24 << 20
 _MIN_CHUNK_ROWS = 128
 _VOCAB_SPLIT_BUDGETS = 4
+# ... unless the chunk of whole rows is at most this fraction of the rows (so its buffer is at most an
+# eighth of the naive N x V logits, a few percent of the naive loss's memory, which also holds their
+# gradient): the split's fourth matmul then buys little memory for its time (measured on the 2-core
+# machine, N=1024 D=256 V=262144 float32, three steps each in turns in one process under heavy load
+# from other jobs: best 68.2 s, median 84.6 s split; best 38.4 s, median 48.9 s unsplit in 128-row
+# chunks).
+_WHOLE_ROWS_FRACTION = 8
 
 
 def _bytes_per_class(itemsize: int) -> int:
@@ -56,9 +66,9 @@ def _bytes_per_class(itemsize: int) -> int:
 
 
 def _chunk_shape(
-    n_classes: int, itemsize: int, chunk_size: int | None, vocab_chunk_size: int | None
+    n_classes: int, itemsize: int, chunk_size: int | None, vocab_chunk_size: int | None, n_rows: int | None = None
 ) -> tuple[int, int]:
-    """(rows, classes) of one chunk."""
+    """(rows, classes) of one chunk; ``n_rows``, the rows of the whole input, where known."""
     per_class = _bytes_per_class(itemsize)
     if chunk_size is not None:
         return chunk_size, vocab_chunk_size or n_classes
@@ -67,7 +77,25 @@ def _chunk_shape(
         return rows, vocab_chunk_size
     if rows * n_classes * per_class <= _VOCAB_SPLIT_BUDGETS * _CHUNK_BUDGET_BYTES:
         return rows, n_classes
+    if n_rows is not None and rows * _WHOLE_ROWS_FRACTION <= n_rows:
+        return rows, n_classes
     return rows, max(1, _CHUNK_BUDGET_BYTES // (rows * per_class))
+
+
+# Half-precision weights: one chunk of all the rows and blocks of the vocabulary (_sweep_vocab_chunks),
+# so that each block of the weight gradient is computed once and written in the weight's dtype, where
+# row chunks would need a float32 copy of the whole weight gradient to accumulate into (at V = 131072,
+# D = 1024: 512 MiB held through the step, for a 256 MiB bfloat16 gradient). The price is the logits
+# computed twice (a fourth matmul), on large products (all rows x a block). Blocks are at least this
+# many classes, whatever the row count: the buffer is then at most 512 / V of the naive logits.
+_MIN_VOCAB_BLOCK = 512
+
+
+def _half_chunk(n_rows: int, n_classes: int, itemsize: int) -> tuple[int, int]:
+    """(rows, classes) of the default chunks for half-precision weights: all the rows, a vocabulary
+    block of one budget (at least _MIN_VOCAB_BLOCK classes)."""
+    rows = max(1, n_rows)
+    return rows, min(n_classes, max(_MIN_VOCAB_BLOCK, _CHUNK_BUDGET_BYTES // (rows * _bytes_per_class(itemsize))))
 
 
 def _chunk_loss(
@@ -195,7 +223,9 @@ def _sweep(
     """One pass over the counted rows: per-row losses, and with ``upstream`` (per row) the gradients."""
     n = x.shape[0]
     per_row = torch.zeros(n, dtype=compute_dtype(x.dtype), device=x.device)
-    grads = None if upstream is None else _grad_buffers(x, W, b)
+    # One chunk of half-precision rows: the weight gradient's one product is written in its dtype.
+    one_pass = chunk >= rows.numel() and W.dtype != compute_dtype(W.dtype)
+    grads = None if upstream is None else _grad_buffers(x, W, b, dW_dtype=W.dtype if one_pass else None)
     # One buffer holds a chunk's logits, then (overwritten in place) their gradient.
     mm_dtype = _matmul_dtype(x)
     buffer = _buffer((min(chunk, max(1, rows.numel())), W.shape[0]), mm_dtype, x.device)
@@ -209,10 +239,23 @@ def _sweep(
             dx, dW, db = grads
             dlogits = logits  # now the gradient
             dx.index_copy_(0, idx, _input_grad(dlogits, W).to(dx.dtype))
-            dW.addmm_(dlogits.t().to(dW.dtype), x_c.to(dW.dtype))  # float32 accumulation over chunks
+            if one_pass:
+                _write_weight_grad(dW, dlogits, x_c)
+            else:
+                dW.addmm_(dlogits.t().to(dW.dtype), x_c.to(dW.dtype))  # float32 accumulation over chunks
             if db is not None:
                 db += dlogits.sum(0, dtype=db.dtype)
     return per_row, grads
+
+
+def _write_weight_grad(dW_block: torch.Tensor, dlogits: torch.Tensor, x_c: torch.Tensor) -> None:
+    """dW_block = dlogits.T @ x_c, accumulated in float32 and written once in dW_block's (half) dtype;
+    a float32 product goes through a temporary of at most _MATMUL_CLASS_BLOCK classes."""
+    if x_c.dtype == dW_block.dtype:  # half-precision matrix instructions accumulate in float32
+        torch.mm(dlogits.t().to(x_c.dtype), x_c, out=dW_block)
+        return
+    for v0, v1 in _class_blocks(dW_block.shape[0]):
+        dW_block[v0:v1].copy_(dlogits[:, v0:v1].t().to(x_c.dtype) @ x_c)
 
 
 def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, *, zero: bool = False) -> torch.Tensor:
@@ -234,13 +277,14 @@ def _vocab_part(
 
 
 def _grad_buffers(
-    x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None
+    x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, *, dW_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Zeroed gradients of the input, the weight and the bias; the last two in float32 (float64 for a
-    float64 weight), whatever the weight's dtype, since they accumulate over the chunks."""
+    float64 weight), whatever the weight's dtype, since they accumulate over the chunks (the weight's
+    in ``dW_dtype`` where each of its blocks is written once, see _sweep_vocab_chunks)."""
     acc = compute_dtype(W.dtype)
     dx = _buffer(tuple(x.shape), x.dtype, x.device, zero=True)
-    dW = _buffer(tuple(W.shape), acc, x.device, zero=True)
+    dW = _buffer(tuple(W.shape), dW_dtype or acc, x.device, zero=True)
     return dx, dW, None if b is None else _buffer((W.shape[0],), acc, x.device, zero=True)
 
 
@@ -258,13 +302,19 @@ def _sweep_vocab_chunks(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]:
     """_sweep for a vocabulary too large for one chunk of rows: each chunk's logits are computed a
     vocabulary chunk at a time, for the chunks' statistics (combined by crossent.torch._vocab_slices
-    into the loss), then once more for the gradient."""
+    into the loss), then once more for the gradient.
+
+    With all the rows in one chunk (the default for half-precision weights, _half_chunk), each block
+    of the weight's gradient gets its one product, dlogits[:, block].T @ x, accumulated in float32
+    inside the matmul, and is written once in the weight's dtype: no float32 copy of the whole
+    weight gradient is held."""
     n, d = x.shape
     v = W.shape[0]
     compute = compute_dtype(x.dtype)
     per_row = torch.zeros(n, dtype=compute, device=x.device)
     bounds = [(start, min(v, start + vocab_chunk)) for start in range(0, v, vocab_chunk)]
-    grads = None if upstream is None else _grad_buffers(x, W, b)
+    one_pass = chunk >= rows.numel() and W.dtype != compute_dtype(W.dtype)
+    grads = None if upstream is None else _grad_buffers(x, W, b, dW_dtype=W.dtype if one_pass else None)
     size = min(chunk, max(1, rows.numel())) * vocab_chunk
     mm_dtype = _matmul_dtype(x)
     buffer = _buffer((size,), mm_dtype, x.device)  # one vocabulary chunk's logits
@@ -290,7 +340,10 @@ def _sweep_vocab_chunks(
             terms_k = dataclasses.replace(terms, lse_local=stats[k].lse)
             dlogits = slice_gradient(logits, t_k, sl, opts, terms_k, g_c, out=out)
             dx_c += _input_grad(dlogits.to(mm_dtype), W[v0:v1]).to(compute)
-            dW[v0:v1].addmm_(dlogits.t().to(dW.dtype), x_c.to(dW.dtype))  # float32 accumulation over chunks
+            if one_pass:
+                _write_weight_grad(dW[v0:v1], dlogits, x_c)
+            else:
+                dW[v0:v1].addmm_(dlogits.t().to(dW.dtype), x_c.to(dW.dtype))  # float32 accumulation over chunks
             if db is not None:
                 db[v0:v1] += dlogits.sum(0, dtype=dW.dtype)
         dx.index_copy_(0, idx, dx_c.to(dx.dtype))
@@ -438,7 +491,10 @@ def linear_cross_entropy(
     recomputes the chunks' logits with the per-row upstream gradient. bfloat16 and float16 inputs on a
     CPU without matrix instructions for them (AVX512-BF16, AMX) are multiplied in float32, where torch's
     half-precision matmul is several times slower: the logits are then float32, not rounded to the
-    input's precision.
+    input's precision. For bfloat16 and float16 weights the default chunks are all the rows by a block
+    of the vocabulary (24 MiB of logits, at least 512 classes): the logits are computed twice (for the
+    loss, then for the gradient), and each block of the weight gradient is one product accumulated in
+    float32 and written once in the weight's dtype, so no float32 copy of the weight gradient is held.
 
     Parameters
     ----------
@@ -452,8 +508,9 @@ def linear_cross_entropy(
         Rows per chunk; by default derived from a 24 MiB budget for one chunk's logits and gradient.
     vocab_chunk_size : int, optional
         Classes per chunk; by default all of them, unless 128 rows of the whole vocabulary would take
-        more than four budgets (V > 196608 float32 logits, V > 131072 half-precision ones). The logits
-        of a vocabulary chunk are computed twice, for the loss and for the gradient.
+        more than four budgets (V > 196608 float32 logits, V > 131072 half-precision ones) and be more
+        than an eighth of the input's rows (fewer than 1024 rows). The logits of a vocabulary chunk
+        are computed twice, for the loss and for the gradient.
     normalizer : float or 0-d Tensor, optional
         What ``mean`` divides by, 0 included, as for :func:`crossent.cross_entropy`: negative, NaN or
         infinite values raise where they can be read without a host synchronisation (numbers, CPU
@@ -603,5 +660,12 @@ def prepare_arguments(
     norm = opts.normalizer
     if norm is not None and not isinstance(norm, torch.Tensor):
         norm = torch.tensor(float(norm), dtype=torch.float64, device=input.device)
-    chunk = _chunk_shape(n_classes, _matmul_dtype(input).itemsize, chunk_size, vocab_chunk_size)
+    itemsize = _matmul_dtype(input).itemsize
+    if linear_weight.dtype in (torch.float16, torch.bfloat16) and chunk_size is None and total_classes is None:
+        chunk = _half_chunk(x2.shape[0], n_classes, itemsize) if vocab_chunk_size is None else (
+            x2.shape[0], vocab_chunk_size)  # fmt: skip
+    else:
+        # A vocabulary-parallel rank (total_classes) splits nothing: its whole slice is one chunk.
+        n_rows = x2.shape[0] if total_classes is None else None
+        chunk = _chunk_shape(n_classes, itemsize, chunk_size, vocab_chunk_size, n_rows)
     return LinearArguments(x2, t2, norm, chunk, batch)
