@@ -54,15 +54,18 @@ def cross_entropy(
         tt = torch.movedim(tt, axis, 1)
     logits = moved if softcap is None else softcap * torch.tanh(moved / softcap)
     w = None if weight is None else _tensor(weight, dtype)
-    plain = z_loss == 0 and normalizer is None and not zero_if_all_ignored
-    per = F.cross_entropy(
-        logits,
-        tt,
-        w,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        reduction=reduction if plain else "none",
-    )
+    plain = z_loss == 0 and normalizer is None and not zero_if_all_ignored and not probability
+    if probability:
+        per = _probability_cross_entropy(logits, tt, w, label_smoothing)
+    else:
+        per = F.cross_entropy(
+            logits,
+            tt,
+            w,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            reduction=reduction if plain else "none",
+        )
     if not plain:
         class_dim = 0 if logits.ndim == 1 else 1
         valid = torch.ones_like(per, dtype=torch.bool) if probability else tt != ignore_index
@@ -93,6 +96,23 @@ def cross_entropy(
         loss.backward(g)
         grad = xt.grad.numpy()
     return Oracle(loss=loss.detach().numpy(), grad=grad)
+
+
+def _probability_cross_entropy(logits: Any, target: Any, weight: Any, label_smoothing: float) -> Any:
+    """torch's per-element cross-entropy of probability targets, -sum_c w_c t'_c log_softmax(x)_c with
+    t' = (1 - eps) t + eps / C, except that a class whose weight w_c t'_c is exactly 0 adds 0 where its
+    log-probability is -inf (0 log 0 = 0, as scipy.special.xlogy; torch gives NaN there). This is
+    crossent's one intended difference for these targets (docs/differences-from-pytorch.md); the
+    gradient is torch's either way."""
+    class_dim = 0 if logits.ndim == 1 else 1
+    n_classes = logits.shape[class_dim]
+    t = (1 - label_smoothing) * target + label_smoothing / n_classes
+    if weight is not None:
+        shape = [1] * logits.ndim
+        shape[class_dim] = n_classes
+        t = t * weight.view(shape)
+    log_probs = torch.log_softmax(logits, class_dim)
+    return -torch.where(t == 0, torch.zeros_like(log_probs), t * log_probs).sum(class_dim)
 
 
 def nll_loss(
