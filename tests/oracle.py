@@ -84,6 +84,12 @@ def cross_entropy(
                 tw = torch.ones(logits.shape[class_dim], dtype=dtype) if w is None else w
                 denom = torch.where(valid, tw[tt.clamp(min=0) * valid], 0.0).sum()
             loss = per.sum() / denom
+            if denom == 0 and not zero_if_all_ignored and want_grad:
+                # crossent's rule for a denominator of 0 (docs/differences-from-pytorch.md): the loss is
+                # the sum over 0, its gradient undefined, NaN on the elements that count (torch's ops
+                # give +-inf or NaN by their order of operations); ignored elements keep 0.
+                per.sum().backward(torch.tensor(torch.nan, dtype=dtype))
+                return Oracle(loss=loss.detach().numpy(), grad=xt.grad.numpy())
             if zero_if_all_ignored and denom == 0:
                 # crossent's promise: exactly 0, gradient 0, even where a counted element of weight 0 is
                 # NaN (a row of -inf logits); per.sum() * 0 would carry that NaN.

@@ -7,7 +7,6 @@ to load, ``extension`` is None and crossent runs the Array-API reference instead
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import math
 from typing import Any
@@ -133,9 +132,6 @@ def _cross_entropy(
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     assert extension is not None
-    if want_grad and opts.reduction == "mean" and opts.normalizer is not None and not opts.zero_if_all_ignored:
-        if float(opts.normalizer) == 0.0:
-            return _sum_over_zero(input, target, weight, shape, opts, grad_output, out)
     dtype = input.dtype
     x, code = _kernel_view(input)
     outer, classes, inner = _layout(input.shape, shape.class_axis)
@@ -163,27 +159,6 @@ def _cross_entropy(
         loss = loss_rows.reshape(shape.batch_shape).astype(dtype)
     else:
         loss = np.array(total, dtype=dtype)
-    return loss, grad
-
-
-def _sum_over_zero(
-    input: np.ndarray, target: Any, weight: Any, shape: LossShape, opts: LossOptions, grad_output: Any,
-    out: np.ndarray | None,
-) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
-    """A mean over a normalizer of 0 is the sum over 0, gradient included, as torch's autograd gives it
-    for ``loss.sum() / 0``: the sum's gradient times 1/0 = inf on the rows that count (+-inf where it is
-    not 0, NaN where it is). The kernel's fused scale would form inf - inf at the target's class."""
-    sum_opts = dataclasses.replace(opts, reduction="sum", normalizer=None)
-    total, grad = _cross_entropy(
-        input, target, weight, shape, sum_opts, want_grad=True, grad_output=grad_output, out=out
-    )
-    assert grad is not None
-    # An ignored row's gradient stays exactly 0, as torch's nll_loss backward writes it whatever the
-    # upstream gradient.
-    counted = True if shape.probability_target else np.expand_dims(target != opts.ignore_index, shape.class_axis)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        loss = np.array(np.float64(total) / 0.0, dtype=input.dtype)
-        np.multiply(grad, grad.dtype.type(np.inf), out=grad, where=counted)
     return loss, grad
 
 

@@ -599,7 +599,14 @@ struct Prepared {
         denom = call.reduction == Reduction::mean ? mean_denominator<C>(call) : 1.0;
         g_scalar = call.grad_scale;
         if (call.reduction == Reduction::mean) {
-            g_scalar = (call.zero_if_all_ignored && denom == 0) ? 0.0 : call.grad_scale / denom;
+            // A denominator of 0 (a normalizer of 0, or no counted weight) leaves the mean's gradient
+            // undefined: NaN on the rows that count (ignored rows get 0 whatever the scale), or 0 with
+            // zero_if_all_ignored. grad_scale / 0 would give +-inf and, at the target, inf - inf.
+            if (denom == 0) {
+                g_scalar = call.zero_if_all_ignored ? 0.0 : std::numeric_limits<double>::quiet_NaN();
+            } else {
+                g_scalar = call.grad_scale / denom;
+            }
         }
     }
     Prepared(const Prepared&) = delete;  // w may point into unit_weight

@@ -123,54 +123,6 @@ void fill_nan(void* out, int64_t n, DType d) {
     for (int64_t i = 0; i < n; ++i) store_scalar(static_cast<char*>(out) + static_cast<size_t>(i) * byte_width(d), kNaN, d);
 }
 
-// x * inf in place: +-inf where x is not 0, NaN where it is 0 or NaN, as torch's autograd gives the
-// gradient of a sum divided by 0.
-void times_infinity(void* p, DType d) {
-    constexpr double inf = std::numeric_limits<double>::infinity();
-    double v;
-    if (d == DType::f64) {
-        v = *static_cast<const double*>(p);
-    } else if (d == DType::f32) {
-        v = *static_cast<const float*>(p);
-    } else {  // only the sign, zero and NaN matter: read them from the 16 bits
-        const uint16_t bits = *static_cast<const uint16_t*>(p);
-        const uint16_t exponent = d == DType::f16 ? 0x7c00 : 0x7f80;
-        const bool nan = (bits & exponent) == exponent && (bits & 0x7fff & ~exponent) != 0;
-        v = nan ? kNaN : (bits & 0x7fff) == 0 ? 0.0 : (bits & 0x8000) ? -1.0 : 1.0;
-    }
-    store_scalar(p, v * inf, d);
-}
-
-int64_t class_index_at(const void* t, TargetKind kind, int64_t r) {
-    switch (kind) {
-        case TargetKind::i64:
-            return static_cast<const int64_t*>(t)[r];
-        case TargetKind::i32:
-            return static_cast<const int32_t*>(t)[r];
-        case TargetKind::u8:
-            return static_cast<const uint8_t*>(t)[r];
-        case TargetKind::probability:
-            break;
-    }
-    return 0;
-}
-
-// The gradient of a sum over 0 from the sum's: times inf on the rows that count (an ignored row's
-// gradient stays exactly 0, as torch's nll_loss backward writes it whatever the upstream gradient).
-void sum_gradient_over_zero(void* grad, DType d, const Layout& layout, const void* target, TargetKind kind,
-                            int64_t ignore_index) {
-    for (int64_t o = 0; o < layout.outer; ++o) {
-        for (int64_t i = 0; i < layout.inner; ++i) {
-            const int64_t r = o * layout.inner + i;
-            if (kind != TargetKind::probability && class_index_at(target, kind, r) == ignore_index) continue;
-            for (int64_t c = 0; c < layout.classes; ++c) {
-                const int64_t e = (o * layout.classes + c) * layout.inner + i;
-                times_infinity(static_cast<char*>(grad) + static_cast<size_t>(e) * byte_width(d), d);
-            }
-        }
-    }
-}
-
 // The broadcast batch of ffi_call's expand_dims rule: leading dimensions beyond each operand's own rank.
 class Batch {
    public:
@@ -360,15 +312,6 @@ ffi::Error loss_impl(bool nll, const ffi::AnyBuffer& x, const ffi::AnyBuffer& ta
             call.has_normalizer = true;
             call.normalizer = v;
         }
-        // A mean over a normalizer of 0 is the sum over 0, its gradient the sum's times 1/0 (as torch's
-        // autograd gives loss.sum() / 0; the NumPy path does the same): the kernel's fused scale would
-        // form inf - inf at the target's class.
-        const bool sum_over_zero = call.has_normalizer && call.normalizer == 0.0 && call.reduction == Reduction::mean &&
-                                   !call.zero_if_all_ignored && grad_out != nullptr && !nll;
-        if (sum_over_zero) {
-            call.reduction = Reduction::sum;
-            call.has_normalizer = false;
-        }
         std::vector<int64_t> bad;
         if (!a.probability && !class_indices_valid(call.target, kind, rows, a.classes, a.ignore_index)) {
             // Class 0 in their place keeps the kernel in bounds; the rows' results are overwritten below.
@@ -388,10 +331,6 @@ ffi::Error loss_impl(bool nll, const ffi::AnyBuffer& x, const ffi::AnyBuffer& ta
             }
             if (grad_out) fill_nan(grad_out, rows * a.classes, *dtype);
             continue;
-        }
-        if (sum_over_zero) {
-            total = total / 0.0;
-            sum_gradient_over_zero(grad_out, *dtype, layout, call.target, kind, a.ignore_index);
         }
         if (reduced) store_scalar(loss_out, total, *dtype);
         const DType cdt = *dtype == DType::f64 ? DType::f64 : DType::f32;

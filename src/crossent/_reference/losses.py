@@ -75,9 +75,11 @@ def _upstream(xp: Any, grad_output: Any, denominator: Any, opts: LossOptions, dt
         return xp.astype(xp.asarray(grad_output, device=dev), dtype)
     g = xp.asarray(1.0 if grad_output is None else grad_output, dtype=dtype, device=dev)
     if opts.reduction == "mean":
-        g = g / denominator
-        if opts.zero_if_all_ignored:
-            g = xp.where(denominator == 0, xp.zeros_like(g), g)
+        # A denominator of 0 leaves the mean's gradient undefined: NaN on the elements that count
+        # (ignored ones get 0 by a where), or 0 with zero_if_all_ignored; g / 0 would give +-inf, and
+        # inf - inf at the target.
+        undefined = xp.zeros_like(g) if opts.zero_if_all_ignored else xp.full_like(g, math.nan)
+        g = xp.where(denominator == 0, undefined, g / denominator)
     return g
 
 

@@ -31,8 +31,8 @@ def mean_denominator_and_scale(
 
     mean: the normalizer if given (NaN if negative, NaN or infinite, see checked_normalizer); else the
     number of rows for probability targets; else the summed weights of the non-ignored targets. The
-    scale is 1 / denominator, or 0 where the denominator is 0 and ``zero_if_all_ignored`` is set. sum
-    and none: (1, 1).
+    scale is 1 / denominator; where the denominator is 0, NaN (the mean's gradient is undefined), or 0
+    with ``zero_if_all_ignored``. sum and none: (1, 1).
     """
     acc, device = torch.float64, target.device
     if opts.reduction != "mean":
@@ -54,9 +54,10 @@ def mean_denominator_and_scale(
             inside = (target >= 0) & (target < weight.shape[0])
             safe = torch.where(valid & inside, target, 0).long()
             denom = torch.where(valid, torch.where(inside, weight.to(acc)[safe], torch.nan), 0).sum()
-    scale = 1.0 / denom
-    if opts.zero_if_all_ignored:
-        scale = torch.where(denom == 0, torch.zeros_like(scale), scale)
+    # A denominator of 0 leaves the mean's gradient undefined: NaN on the elements that count (ignored
+    # ones get 0 whatever the scale), or 0 with zero_if_all_ignored (as crossent._reference._upstream).
+    undefined = torch.zeros_like(denom) if opts.zero_if_all_ignored else torch.full_like(denom, torch.nan)
+    scale = torch.where(denom == 0, undefined, 1.0 / denom)
     return denom, scale
 
 
