@@ -445,3 +445,164 @@ def test_item7_softcapped_float32_losses_are_never_negative_and_accurate(path):
             assert (loss >= 0).all(), f"C={classes} cap={cap}: {loss.min()}"
             # float32 rounds the capped logits (up to cap) to within ulp(cap) / 2 each.
             np.testing.assert_allclose(loss, o.loss, rtol=2e-6, atol=4 * np.spacing(np.float32(cap)))
+
+
+# The rows layout (classes contiguous, more than 32: the kernel's online pass in chunks of 1024 classes).
+ROWS_CLASSES = [33, 100, 1000, 5000]
+
+
+def _rows_path(path, x, y, axis=None, **kw):
+    """(loss, gradient) per row, float64, for reduction="none" and an upstream gradient of ones."""
+    if path == "numpy kernel":
+        shape = np.delete(np.array(x.shape), -1 if axis is not None else min(1, x.ndim - 1))
+        loss, grad = crossent.cross_entropy_and_grad(
+            x, y, axis=axis, reduction="none", grad_output=np.ones(tuple(shape), x.dtype), **kw
+        )
+        return np.asarray(loss, np.float64), np.asarray(grad, np.float64)
+    xt = torch.tensor(x, requires_grad=True)
+    loss = ct.cross_entropy(xt, torch.tensor(y), axis=axis, reduction="none", **kw)
+    loss.backward(torch.ones_like(loss))
+    return loss.detach().double().numpy(), xt.grad.double().numpy()
+
+
+def _rows_draw(rng, classes, scale, dtype, shape=(32,)):
+    """Logits, the targets (half of them at the row's maximum, the others anywhere) and a probability
+    target (a one-hot at the maximum, or a random distribution)."""
+    x = (rng.standard_normal((*shape, classes)) * scale).astype(dtype)
+    y = rng.integers(0, classes, shape)
+    at_max = rng.random(shape) < 0.5
+    y = np.where(at_max, x.argmax(-1), y)
+    p = rng.random((*shape, classes)) ** 4
+    p = np.where(at_max[..., None], np.eye(classes)[x.argmax(-1)], p / p.sum(-1, keepdims=True)).astype(dtype)
+    return x, y, p
+
+
+# (scale, cap): the item-7 mixes, and scale 30..300 under caps 5..50, where the rows layout gave
+# -6e-13 (a target at the maximum, every other class below it by more than 17).
+ROWS_MIXES = [(1.0, 30.0), (30.0, 30.0), (100.0, 50.0), (30.0, 5.0), (1.0, 15.0), (300.0, 50.0), (100.0, 15.0)]
+ROWS_OPTIONS = [
+    {},
+    {"label_smoothing": 0.1},
+    {"z_loss": 1e-3},
+    {"probability": True},
+    {"probability": True, "label_smoothing": 0.2},
+]
+
+
+def _rows_tolerance(dtype, cap, x):
+    if dtype == np.float64:
+        return {"rtol": 1e-10, "atol": 1e-11 * cap}
+    # float32 rounds the capped logits (up to cap) to within ulp(cap) / 2 each.
+    return {"rtol": 2e-6, "atol": 4 * float(np.spacing(np.float32(cap)))}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("path", ["numpy kernel", "torch cpu op"])
+@pytest.mark.parametrize("classes", ROWS_CLASSES)
+def test_item7_rows_layout_softcapped_losses_are_never_negative_and_accurate(path, classes, dtype):
+    rng = np.random.default_rng(classes)
+    for scale, cap in ROWS_MIXES:
+        for options in ROWS_OPTIONS:
+            x, y, p = _rows_draw(rng, classes, scale, dtype)
+            kw = {k: v for k, v in options.items() if k != "probability"}
+            target = p if options.get("probability") else y
+            loss, grad = _rows_path(path, x, target, softcap=cap, **kw)
+            o = oracle.cross_entropy(x, target, softcap=cap, reduction="none", **kw)
+            what = f"C={classes} scale={scale} cap={cap} {options} {np.dtype(dtype).name}"
+            assert (loss >= 0).all(), f"{what}: {loss.min()}"
+            np.testing.assert_allclose(loss, o.loss, **_rows_tolerance(dtype, cap, x), err_msg=what)
+            # Each gradient entry is a probability (minus the target), times 1 - tanh^2 <= 1.
+            g_atol = 1e-12 if dtype == np.float64 else 4e-7 * cap
+            np.testing.assert_allclose(grad, o.grad, rtol=1e-5, atol=g_atol, err_msg=what + " gradient")
+
+
+@pytest.mark.parametrize("classes", ROWS_CLASSES)
+def test_item7_rows_layout_softcap_on_the_last_axis_of_3d_inputs(classes):
+    rng = np.random.default_rng(100 + classes)
+    for dtype in (np.float32, np.float64):
+        for scale, cap in ROWS_MIXES[::2]:
+            x, y, _ = _rows_draw(rng, classes, scale, dtype, shape=(3, 5))
+            for path in ("numpy kernel", "torch cpu op"):
+                loss, grad = _rows_path(path, x, y, axis=-1, softcap=cap, label_smoothing=0.05)
+                o = oracle.cross_entropy(x, y, axis=-1, softcap=cap, reduction="none", label_smoothing=0.05)
+                what = f"{path} C={classes} scale={scale} cap={cap} {np.dtype(dtype).name}"
+                assert loss.shape == (3, 5) and (loss >= 0).all(), f"{what}: {loss.min()}"
+                np.testing.assert_allclose(loss, o.loss, **_rows_tolerance(dtype, cap, x), err_msg=what)
+                g_atol = 1e-12 if dtype == np.float64 else 4e-7 * cap
+                np.testing.assert_allclose(grad, o.grad, rtol=1e-5, atol=g_atol, err_msg=what + " gradient")
+
+
+@pytest.mark.parametrize("cap", [None, 50.0, 20.0])
+@pytest.mark.parametrize("path", ["numpy kernel", "torch cpu op"])
+def test_item7_rows_layout_maximum_raised_by_a_later_chunk(path, cap):
+    # 5000 classes are read in chunks of 1024: the target (class 1500, the row's maximum) raises the
+    # running maximum of the first chunk (class 3) by d, every other class far below. Exponentials kept
+    # against the old maximum and rescaled made s fall below 1 for d in 12..16 (losses down to -4e-7,
+    # -1e-6 under the soft cap), in the plain loss too.
+    rng = np.random.default_rng(16)
+    d = np.linspace(6.0, 20.0, 281)
+    base = rng.uniform(-3.0, 3.0, d.shape)
+    x = np.full((d.size, 5000), -200.0)
+    if cap is None:
+        x[:, 3], x[:, 1500] = base, base + d
+    else:  # the capped logits s * tanh(x / s) differ by d, the two around 0
+        tb = base / 60 - d / (2 * cap)
+        x[:, 3], x[:, 1500] = cap * np.arctanh(tb), cap * np.arctanh(tb + d / cap)
+    x = x.astype(np.float32)
+    y = np.full(d.size, 1500)
+    kw = {} if cap is None else {"softcap": cap}
+    for options in ({}, {"label_smoothing": 0.1}, {"z_loss": 1e-3}):
+        loss, grad = _rows_path(path, x, y, **kw, **options)
+        o = oracle.cross_entropy(x, y, reduction="none", **kw, **options)
+        what = f"cap={cap} {options}"
+        assert (loss >= 0).all(), f"{what}: {loss.min()} at d={d[loss.argmin()]}"
+        np.testing.assert_allclose(loss, o.loss, **_rows_tolerance(np.float32, cap or 16.0, x), err_msg=what)
+        # p_y - 1 = -e^-d cancels: what is left carries the logits' float rounding, ulp(cap) / 2 each.
+        g_atol = 2 * float(np.spacing(np.float32(cap or 16.0)))
+        np.testing.assert_allclose(grad, o.grad, rtol=1e-5, atol=g_atol, err_msg=what + " gradient")
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+@pytest.mark.parametrize("classes", ROWS_CLASSES)
+def test_item7_rows_layout_softcap_in_half_types(classes, half):
+    # Half logits are computed in float32 and the loss rounded to the half type: never negative, and
+    # within that rounding of the float64 loss of the same (exactly widened) logits.
+    if half == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+        rtol = 2.0**-8
+    else:
+        dtype = np.float16
+        rtol = 2.0**-11
+    rng = np.random.default_rng(200 + classes)
+    for scale, cap in ROWS_MIXES:
+        x, y, _ = _rows_draw(rng, classes, scale, np.float32)
+        x = x.astype(dtype)
+        loss, grad = _rows_path("numpy kernel", x, y, softcap=cap)
+        o = oracle.cross_entropy(x.astype(np.float64), y, softcap=cap, reduction="none")
+        what = f"C={classes} scale={scale} cap={cap} {half}"
+        assert (loss >= 0).all(), f"{what}: {loss.min()}"
+        np.testing.assert_allclose(loss, o.loss, rtol=rtol, atol=4 * float(np.spacing(np.float32(cap))), err_msg=what)
+        np.testing.assert_allclose(grad, o.grad, rtol=2 * rtol, atol=2 * rtol, err_msg=what + " gradient")
+
+
+@pytest.mark.parametrize("path", ["numpy kernel", "torch cpu op"])
+@pytest.mark.parametrize("classes", ROWS_CLASSES)
+def test_item7_rows_layout_many_draws_with_the_target_at_the_maximum(path, classes):
+    # Where the float32 rows layout went negative (-6e-13 in about 4 of 500 draws of 64 rows at 33
+    # classes): the target at the maximum, the other capped logits 17 or more below it, so that s rounds
+    # to 1 and the loss is the rounding of x'_y - m alone.
+    rng = np.random.default_rng(1000 + classes)
+    draws = max(8, 400 * 33 // classes)
+    scale = rng.choice([30.0, 100.0, 300.0], draws)
+    cap = rng.choice([5.0, 15.0, 30.0, 50.0], draws)
+    for i in range(draws):
+        x = (rng.standard_normal((64, classes)) * scale[i]).astype(np.float32)
+        y = x.argmax(1)
+        if path == "numpy kernel":
+            loss = crossent.cross_entropy(x, y, softcap=cap[i], reduction="none")
+        else:
+            loss = ct.cross_entropy(torch.tensor(x), torch.tensor(y), softcap=cap[i], reduction="none").numpy()
+        assert (loss >= 0).all(), f"draw {i}, scale {scale[i]}, cap {cap[i]}: {loss.min()}"
+        if i % 16 == 0:
+            o = oracle.cross_entropy(x, y, softcap=cap[i], reduction="none", want_grad=False)
+            np.testing.assert_allclose(loss, o.loss, **_rows_tolerance(np.float32, cap[i], x))

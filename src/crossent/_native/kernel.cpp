@@ -283,19 +283,7 @@ struct Consts {
     C cap = 0, inv_cap = 0;
 };
 
-// x'_c: the logit after the optional soft cap s * tanh(x / s); `t` receives tanh(x / s) for the chain
-// rule (1 - t^2).
-template <class T, bool CAP>
-inline Compute<T> load_logit(const Store<T>* x, int64_t i, const Consts<Compute<T>>& k, Compute<T>& t) {
-    Compute<T> v = Elem<T>::load(x[i]);
-    if constexpr (CAP) {
-        t = vtanh(v * k.inv_cap);
-        v = k.cap * t;
-    }
-    return v;
-}
-
-// x'_c - m for the tiles' positions, given m and, under the soft cap, tm = tanh(max_c x_c / s) (m = s * tm):
+// x'_c - m, given m and, under the soft cap, tm = tanh(max_c x_c / s) (m = s * tm):
 // s * (tanh(x_c / s) - tm), exactly 0 at the maximum and one rounding elsewhere. s * tanh(x_c / s) - m
 // would round s * tanh(...) first, or not at all where the compiler fuses it with the subtraction into an
 // FMA, and differently in different loops: the sum's term at the target then differs from x'_y - m by up
@@ -309,6 +297,20 @@ inline Compute<T> shifted_logit(const Store<T>* x, int64_t i, const Consts<Compu
         return k.cap * (t - tm);
     }
     return v - m;
+}
+
+// The rows layout keeps its running maximum in the units that shifted_logit subtracts: x_c, or under the
+// soft cap tanh(x_c / s). key_logit gives x'_c - shift for a shift in those units, and the class's key.
+template <class T, bool CAP>
+inline Compute<T> key_logit(const Store<T>* x, int64_t i, const Consts<Compute<T>>& k, Compute<T> shift,
+                            Compute<T>& key) {
+    const Compute<T> v = Elem<T>::load(x[i]);
+    if constexpr (CAP) {
+        key = vtanh(v * k.inv_cap);
+        return k.cap * (key - shift);
+    }
+    key = v;
+    return v - shift;
 }
 
 // Work below this many logits per thread is not worth waking a thread for (about 10 us of work).
@@ -424,6 +426,7 @@ struct RowTerms {
 //   wtx: sum_c w_c t'_c (x'_c - m); wt: sum_c w_c t'_c, for the smoothed probability target t'.
 struct RowSums {
     double m = 0, s_sum = 0, xy = 0, wx = 0, wtx = 0, wt = 0;
+    double tm = 0;  // under the soft cap, tanh(max_c x_c / s): m = s * tm (see shifted_logit)
 };
 
 // The row's loss and gradient coefficients from its statistics, for both layouts. Plain scalars in and
@@ -625,13 +628,19 @@ constexpr int64_t kLineElements = 64 / static_cast<int64_t>(sizeof(Store<T>));  
 inline int64_t chunk_size(int64_t n) { return std::max(kChunk, (n + kMaxChunks - 1) / kMaxChunks); }
 
 // How far above the running maximum a chunk's maximum may lie for the chunk's exponentials against
-// the running maximum to be kept: they are then at most e^16 (no overflow in a 512-term float sum), and
-// a chunk's gradient factor exp(shift - m) underflows float only for probabilities below e^-71, which
-// are 1e-31 and flushed to 0 (vexp already flushes those below e^-87).
-constexpr double kExpHeadroom = 16.0;
+// the running maximum to be kept: they are then at most e^12 (no overflow in a 512-term float sum), and
+// a chunk's gradient factor exp(shift - m) underflows float only for probabilities below e^-75, which
+// are 1e-33 and flushed to 0 (vexp already flushes those below e^-87). It also keeps s >= 1: the new
+// maximum's term, exp(x'_y - shift) rescaled by exp(shift - m) in double, is 1 only to within the
+// rounding of the float exponent x'_y - shift (below 12 * 2^-23 = 1.4e-6 with the soft cap's two
+// roundings) and of exp, while the old maximum adds exp(shift - m) >= e^-12 = 6e-6. At 16 (e^-16 =
+// 1.1e-7) float losses with the target at a maximum that a later chunk raised by 12 to 16 came out as
+// low as -4e-7 (-1e-6 under the soft cap).
+constexpr double kExpHeadroom = 12.0;
 
-// The exponentials exp(x'_c - shift) of classes [b, e), stored to e_out when given; returns their sum
-// (in the compute type) and, with TRACK_MAX, the largest x'_c in `cm`.
+// The exponentials exp(x'_c - shift) of classes [b, e), shift and maximum in key_logit's units, stored
+// to e_out when given; returns their sum (in the compute type) and, with TRACK_MAX, the largest key in
+// `cm`.
 template <class T, bool CAP, bool TRACK_MAX>
 inline Compute<T> chunk_exps(const Store<T>* x, int64_t b, int64_t e, const Consts<Compute<T>>& k, Compute<T> shift,
                              Compute<T>* e_out, Compute<T>& cm) {
@@ -641,20 +650,20 @@ inline Compute<T> chunk_exps(const Store<T>* x, int64_t b, int64_t e, const Cons
     if (e_out) {
 #pragma omp simd reduction(+ : part) reduction(max : mx)
         for (int64_t c = b; c < e; ++c) {
-            C t;
-            const C v = load_logit<T, CAP>(x, c, k, t);
-            if constexpr (TRACK_MAX) mx = std::max(mx, v);
-            const C ec = vexp(v - shift);
+            C key;
+            const C d = key_logit<T, CAP>(x, c, k, shift, key);
+            if constexpr (TRACK_MAX) mx = std::max(mx, key);
+            const C ec = vexp(d);
             e_out[c] = ec;
             part += ec;
         }
     } else {
 #pragma omp simd reduction(+ : part) reduction(max : mx)
         for (int64_t c = b; c < e; ++c) {
-            C t;
-            const C v = load_logit<T, CAP>(x, c, k, t);
-            if constexpr (TRACK_MAX) mx = std::max(mx, v);
-            part += vexp(v - shift);
+            C key;
+            const C d = key_logit<T, CAP>(x, c, k, shift, key);
+            if constexpr (TRACK_MAX) mx = std::max(mx, key);
+            part += vexp(d);
         }
     }
     cm = mx;
@@ -669,15 +678,21 @@ inline Compute<T> chunk_exps(const Store<T>* x, int64_t b, int64_t e, const Cons
 // 0.480 -> 0.438 ns per logit, forward+backward 0.901 -> 0.761). A chunk whose maximum lies more than
 // kExpHeadroom above the running one is redone, from L1, against its own. The shift each chunk's
 // exponentials were taken against is recorded in chunk_shift. With `e_out`, the exponentials are also
-// stored there, so the backward pass needs no second exponential.
+// stored there, so the backward pass needs no second exponential. Under the soft cap the maximum and
+// the shifts are kept as tanh(x / s) (see key_logit), and S.tm receives the final one: the sum's term
+// at the maximum is then exp(0) = 1 exactly, as x'_y - m is 0 exactly there (formed as s * tanh(x / s)
+// - m, float losses of more than 32 classes came out as low as -6e-13, and -1e-6 when a later chunk
+// raised the maximum).
 template <class T, bool CAP>
 void online_row(const Store<T>* x, int64_t n, const Consts<Compute<T>>& k, Compute<T>* e_out, Compute<T>* chunk_shift,
                 RowSums& S) {
     using C = Compute<T>;
     const C neg_inf = -std::numeric_limits<C>::infinity();
     const int64_t step = chunk_size(n);
-    C m_true = neg_inf;  // the running maximum (may stay -inf)
+    C m_true = neg_inf;  // the running maximum, in key_logit's units (may stay -inf)
     C shift = 0;         // what exponents are taken against: m_true, or 0 while m_true is -inf
+    // x'_c - shift is scale * (key_c - shift)
+    const double scale = CAP ? static_cast<double>(k.cap) : 1.0;
     double s = 0.0;
     // Raise the running maximum to cm (no-op unless larger), rescaling s to the new shift.
     auto raise_max = [&](C cm) {
@@ -686,7 +701,7 @@ void online_row(const Store<T>* x, int64_t n, const Consts<Compute<T>>& k, Compu
         const C new_shift = m_true == neg_inf ? C(0) : m_true;
         // s is 0 until a finite maximum appears (the stand-in shift 0 must not be rescaled then:
         // exp(0 - (-710)) overflows double and 0 * inf is NaN).
-        if (s != 0.0) s *= std::exp(static_cast<double>(shift) - static_cast<double>(new_shift));
+        if (s != 0.0) s *= std::exp(scale * (static_cast<double>(shift) - static_cast<double>(new_shift)));
         shift = new_shift;
     };
     for (int64_t b = 0, chunk = 0; b < n; b += step, ++chunk) {
@@ -696,7 +711,13 @@ void online_row(const Store<T>* x, int64_t n, const Consts<Compute<T>>& k, Compu
         if (m_true != neg_inf) {
             C cm = neg_inf;
             const C part = chunk_exps<T, CAP, true>(x, b, e, k, shift, e_out, cm);
-            if (cm <= shift + static_cast<C>(kExpHeadroom)) {  // false for NaN: redone below
+            bool kept;  // false for NaN: redone below
+            if constexpr (CAP) {
+                kept = k.cap * (cm - shift) <= static_cast<C>(kExpHeadroom);
+            } else {
+                kept = cm <= shift + static_cast<C>(kExpHeadroom);
+            }
+            if (kept) {
                 chunk_shift[chunk] = shift;
                 s += static_cast<double>(part);
                 raise_max(cm);
@@ -706,13 +727,14 @@ void online_row(const Store<T>* x, int64_t n, const Consts<Compute<T>>& k, Compu
         C cm = neg_inf;
 #pragma omp simd reduction(max : cm)
         for (int64_t c = b; c < e; ++c) cm = std::max(cm, Elem<T>::load(x[c]));
-        if constexpr (CAP) cm = k.cap * vtanh(cm * k.inv_cap);  // tanh is increasing: cap the maximum
+        if constexpr (CAP) cm = vtanh(cm * k.inv_cap);  // tanh is increasing: the maximum's key
         raise_max(cm);
         chunk_shift[chunk] = shift;
         C unused = neg_inf;
         s += static_cast<double>(chunk_exps<T, CAP, false>(x, b, e, k, shift, e_out, unused));
     }
-    S.m = shift;
+    S.m = scale * static_cast<double>(shift);
+    S.tm = static_cast<double>(shift);
     S.s_sum = s;
 }
 
@@ -731,19 +753,18 @@ template <class T, bool CAP>
 void option_sums(const Store<T>* x, const Store<T>* t_row, const Compute<T>* w, int64_t n, const Consts<Compute<T>>& k,
                  bool need_wx, Compute<T> eps, Compute<T> uniform, RowSums& S) {
     using C = Compute<T>;
-    const C m = static_cast<C>(S.m);
+    const C m = static_cast<C>(S.m), tm = static_cast<C>(S.tm);
     if (need_wx) {
         S.wx = blocked_sum<C>(n, [&](int64_t c) {
             C t;
-            const C d = load_logit<T, CAP>(x, c, k, t) - m;
-            return weighted_term(w[c], d);
+            return weighted_term(w[c], shifted_logit<T, CAP>(x, c, k, m, tm, t));
         });
     }
     if (t_row) {
         S.wtx = blocked_sum<C>(n, [&](int64_t c) {
             C t;
             const C wt = w[c] * ((C(1) - eps) * Elem<T>::load(t_row[c]) + uniform);
-            return weighted_term(wt, load_logit<T, CAP>(x, c, k, t) - m);
+            return weighted_term(wt, shifted_logit<T, CAP>(x, c, k, m, tm, t));
         });
         S.wt = blocked_sum<C>(
             n, [&](int64_t c) { return w[c] * ((C(1) - eps) * Elem<T>::load(t_row[c]) + uniform); });
@@ -790,7 +811,7 @@ void row_gradient(const LossCall& call, const Store<T>* x, const Store<T>* t_row
         for (int64_t c = 0; c < n; ++c) grad[c] = zero;
         return;
     }
-    const C m = static_cast<C>(S.m);
+    const C m = static_cast<C>(S.m), tm = static_cast<C>(S.tm);
     const C B = static_cast<C>(R.B);
     const C eps = static_cast<C>(call.label_smoothing);
     const C uniform = static_cast<C>(call.label_smoothing / static_cast<double>(n));
@@ -802,7 +823,8 @@ void row_gradient(const LossCall& call, const Store<T>* x, const Store<T>* t_row
         // shift 0 of chunks before the first finite logit, whose exponentials are all 0: capping the
         // exponent at 0 keeps their factor finite (exp(0 - m) overflows for m below -88 in float, and
         // 0 * inf would be NaN).
-        const double to_max = std::min(static_cast<double>(chunk_shift[chunk]) - S.m, 0.0);
+        const double shift_k = static_cast<double>(chunk_shift[chunk]);  // in key_logit's units
+        const double to_max = std::min(CAP ? static_cast<double>(k.cap) * (shift_k - S.tm) : shift_k - S.m, 0.0);
         const C factor = static_cast<C>(std::exp(to_max) * A_over_s);
         if (t_row) {
 #pragma omp simd
@@ -841,8 +863,8 @@ void row_gradient(const LossCall& call, const Store<T>* x, const Store<T>* t_row
     if (t_row) return;
     // The 1 of the one-hot, subtracted at the target class only, from a freshly computed p_y.
     C t;
-    const C xy = load_logit<T, CAP>(x, R.y, k, t);
-    C gy = static_cast<C>(static_cast<double>(vexp(xy - m)) * A_over_s) - B * w[R.y] -
+    const C dy = shifted_logit<T, CAP>(x, R.y, k, m, tm, t);
+    C gy = static_cast<C>(static_cast<double>(vexp(dy)) * A_over_s) - B * w[R.y] -
            static_cast<C>(R.fix);
     if constexpr (CAP) gy *= (C(1) - t) * (C(1) + t);
     grad[R.y] = Elem<T>::store(gy);
@@ -914,7 +936,8 @@ double cross_entropy_rows(const LossCall& call) {
                 option_sums<T, CAP>(xr, tr, w, n, k, need_wx, eps, uniform, S);
                 if (!probability) {
                     C t;
-                    S.xy = static_cast<double>(load_logit<T, CAP>(xr, R.y, k, t) - static_cast<C>(S.m));
+                    S.xy = static_cast<double>(
+                        shifted_logit<T, CAP>(xr, R.y, k, static_cast<C>(S.m), static_cast<C>(S.tm), t));
                 }
                 const double g = grad_rows ? static_cast<double>(grad_rows[r]) : g_scalar;
                 const int64_t y = R.y;
