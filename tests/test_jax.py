@@ -3,6 +3,7 @@ gradients over the option grid and every layout, with the NumPy parity tests' to
 
 from __future__ import annotations
 
+import functools
 import itertools
 import subprocess
 import sys
@@ -416,3 +417,86 @@ def test_ffi_wiring_through_the_agreed_interface(rng, monkeypatch, backend):
         got = jax.jit(lambda x: cj.nll_loss(x, t, reduction="sum"))(x)
         oracle.assert_close(got, oracle.nll_loss(x, t, reduction="sum"), np.float64)
     assert fake.calls >= 5
+
+
+def test_probability_targets_refuse_ignore_index_like_numpy(rng):
+    import crossent
+
+    x = rng.standard_normal((4, 3))
+    probs = np.full((4, 3), 1 / 3)
+    match = "ignore_index is not supported for floating point target"
+    with pytest.raises(ValueError, match=match):
+        crossent.cross_entropy(x, probs, ignore_index=0)
+    with pytest.raises(ValueError, match=match):
+        cj.cross_entropy(x, probs, ignore_index=0)
+    with pytest.raises(ValueError, match=match):
+        jax.jit(lambda x, p: cj.cross_entropy(x, p, ignore_index=1))(x, probs)
+    with pytest.raises(ValueError, match=match):  # a named axis without a mesh: vmap's axis_name
+        jax.vmap(lambda x: cj.vocab_parallel_cross_entropy(x, probs, "v", ignore_index=0), axis_name="v")(x[None])
+    # A negative ignore_index (the default) is accepted, as by torch.
+    oracle.assert_close(cj.cross_entropy(x, probs, ignore_index=-1), oracle.cross_entropy(x, probs).loss, np.float64)
+
+
+# The normalizer's rule (issue 16, item 2): 0 divides by 0 (0 with zero_if_all_ignored, gradient too);
+# negative, infinite or NaN raises where the value can be read and is NaN where it cannot (under jit).
+X2 = np.array([[1.0, 2.0, 0.5], [0.3, -1.0, 2.0], [0.0, 0.0, 0.0]])
+Y2 = np.array([0, 2, -100])
+NORMALIZED = {
+    "cross_entropy": lambda x, y, **kw: cj.cross_entropy(x, y, **kw),
+    "nll_loss": lambda x, y, **kw: cj.nll_loss(x, y, **kw),
+    "linear_cross_entropy": lambda x, y, **kw: cj.linear_cross_entropy(x, jnp.eye(3, dtype=x.dtype), y, **kw),
+}
+PATHS = [
+    (b, name) for b in ["jnp", "ffi"] for name in NORMALIZED if not (b == "ffi" and name == "linear_cross_entropy")
+]
+
+
+@functools.cache
+def _normalized_step(backend, name, zero_if_all_ignored):
+    """Loss and d/dx under jit, with the targets and the normalizer arguments (traced): one compilation."""
+    fn = NORMALIZED[name]
+    with cj.use_backend(backend):
+        f = jax.jit(jax.value_and_grad(lambda x, y, n: fn(x, y, normalizer=n, zero_if_all_ignored=zero_if_all_ignored)))
+        f.lower(jnp.asarray(X2), jnp.asarray(Y2), jnp.asarray(0.0))  # traced now, under this backend
+    return f
+
+
+def _normalized(backend, name, y, normalizer, zero_if_all_ignored=False):
+    if backend == "ffi" and not cj.ffi_available():
+        pytest.skip("crossent's XLA FFI target is not built in this installation")
+    with cj.use_backend(backend):
+        return _normalized_step(backend, name, zero_if_all_ignored)(
+            jnp.asarray(X2), jnp.asarray(y), jnp.asarray(normalizer)
+        )
+
+
+@pytest.mark.parametrize(("backend", "name"), PATHS)
+def test_normalizer_zero_divides_by_zero(backend, name):
+    ignored = np.array([-100, -100, -100])
+    loss, grad = _normalized(backend, name, ignored, 0.0)
+    assert np.isnan(loss) and (grad == 0).all(), (loss, grad)  # 0 / 0, and no target to move
+    # The sum over 0 (IEEE's infinity of the sum's sign), never a default denominator.
+    total = oracle.nll_loss(X2, Y2, reduction="sum") if name == "nll_loss" else oracle.cross_entropy(X2, Y2).loss * 2
+    loss, grad = _normalized(backend, name, Y2, 0.0)
+    assert loss == np.copysign(np.inf, total), (loss, total)
+    for y in (ignored, Y2):
+        loss, grad = _normalized(backend, name, y, 0.0, zero_if_all_ignored=True)
+        assert loss == 0 and (grad == 0).all(), (loss, grad)
+
+
+@pytest.mark.parametrize(("backend", "name"), PATHS)
+def test_bad_normalizer_raises_when_readable_and_is_nan_under_jit(backend, name):
+    if backend == "ffi" and not cj.ffi_available():
+        pytest.skip("crossent's XLA FFI target is not built in this installation")
+    fn = NORMALIZED[name]
+    match = "normalizer must be a finite number >= 0"
+    for value in (-1.0, np.nan, np.inf):
+        with cj.use_backend(backend):
+            for norm in (value, np.asarray(value), jnp.asarray(value)):
+                with pytest.raises(ValueError, match=match):
+                    fn(jnp.asarray(X2), Y2, normalizer=norm)
+                with pytest.raises(ValueError, match=match):  # a constant closed over by jit is readable
+                    jax.jit(lambda x, norm=norm: fn(x, Y2, normalizer=norm))(X2)
+        loss, grad = _normalized(backend, name, Y2, value)
+        # NaN wherever a counted row's target moves the loss (nll_loss's gradient is 0 off the targets).
+        assert np.isnan(loss) and np.isnan(grad[[0, 1], Y2[:2]]).all(), (value, loss, grad)

@@ -14,9 +14,8 @@ import dataclasses
 import math
 from typing import Any
 
-import jax.numpy as jnp
-
 import jax
+import jax.numpy as jnp
 
 from .. import _reference as reference
 from .._validate import LossOptions, LossShape

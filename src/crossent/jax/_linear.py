@@ -15,9 +15,8 @@ import functools
 import math
 from typing import Any
 
-import jax.numpy as jnp
-
 import jax
+import jax.numpy as jnp
 
 from .. import _reference as reference
 from .. import _validate as validate
@@ -50,7 +49,10 @@ def _denominator_and_scale(labels: Any, weight: Any, normalizer: Any, opts: Loss
     bdt = batch_dtype(jnp)
     if opts.reduction != "mean":
         return jnp.ones((), bdt), jnp.ones((), bdt)
-    denom = jnp.sum(_target_weights(labels, weight, opts, bdt)) if normalizer is None else normalizer.astype(bdt)
+    if normalizer is None:
+        denom = jnp.sum(_target_weights(labels, weight, opts, bdt))
+    else:  # negative, infinite or NaN (traced, so unchecked): NaN, as the specification's rule
+        denom = reference.mean_denominator(jnp, dataclasses.replace(opts, normalizer=normalizer), None, None)
     scale = 1.0 / denom
     if opts.zero_if_all_ignored:
         scale = jnp.where(denom == 0, 0.0, scale)
