@@ -368,7 +368,9 @@ class _FakeFFI:
     def supports(self, dtype):
         return True
 
-    def cross_entropy_fwd(self, x, target, weight, normalizer, *, outer, classes, inner, probability, opts, want_grad):
+    def cross_entropy_fwd(
+        self, x, target, weight, normalizer, *, outer, classes, inner, probability, opts, want_grad, reuse_logits=False
+    ):
         import dataclasses
 
         from crossent import _reference
@@ -500,3 +502,27 @@ def test_bad_normalizer_raises_when_readable_and_is_nan_under_jit(backend, name)
         loss, grad = _normalized(backend, name, Y2, value)
         # NaN wherever a counted row's target moves the loss (nll_loss's gradient is 0 off the targets).
         assert np.isnan(loss) and np.isnan(grad[[0, 1], Y2[:2]]).all(), (value, loss, grad)
+
+
+@pytest.mark.skipif(not cj.ffi_available(), reason="crossent's XLA FFI target is not built in this installation")
+def test_ffi_runs_under_vmap_and_the_gradient_may_take_the_logits_buffer(rng):
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    ys = rng.integers(0, 5, (3, 6))
+    with cj.use_backend("ffi"):
+        # vmap over the targets only: the logits are shared by the batch (no aliasing there).
+        f = jax.jit(jax.vmap(jax.value_and_grad(lambda x, y: cj.cross_entropy(x, y, label_smoothing=0.1)), (None, 0)))
+        assert "crossent_cross_entropy" in f.lower(x, ys).as_text()  # the kernel, not the jnp fallback
+        losses, grads = f(x, ys)
+        for i, y in enumerate(ys):
+            expected = oracle.cross_entropy(x, y, label_smoothing=0.1)
+            oracle.assert_close(losses[i], expected.loss, np.float32, what=f"vmap loss {i}")
+            oracle.assert_close(grads[i], expected.grad, np.float32, what=f"vmap grad {i}")
+        # Unbatched, the gradient may overwrite the logits' buffer; logits still used afterwards are
+        # copied by XLA first, so the caller's values are intact.
+        xj = jnp.asarray(x)
+        g = jax.jit(lambda x: (jax.grad(cj.cross_entropy)(x, ys[0]), x * 1))
+        assert "output_to_operand_aliasing" in g.lower(xj).compile().as_text()
+        grad, same = g(xj)
+    np.testing.assert_array_equal(np.asarray(same), x)
+    np.testing.assert_array_equal(np.asarray(xj), x)
+    oracle.assert_close(grad, oracle.cross_entropy(x, ys[0]).grad, np.float32)

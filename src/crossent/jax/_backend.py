@@ -11,6 +11,7 @@ already compiled keeps the implementation it was traced with.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -80,18 +81,20 @@ def _arrays(args: Any) -> Any:
 
 
 def _dispatch(dtype: Any, ffi_fn: Any, jnp_fn: Any, *args: Any) -> Any:
-    """``jnp_fn(*args)``, or ``ffi_fn(*args)`` where the FFI runs: under ``vmap`` the FFI call falls back
-    to the vmapped jnp function (the kernel's shapes are fixed when it is traced)."""
+    """``jnp_fn(*args)``, or ``ffi_fn(*args)`` where the FFI runs. ``ffi_fn(*args, batched=...)``: under
+    ``vmap`` it is called with ``batched=True`` and vmapped, the FFI call keeping the batch (one custom
+    call, ``vmap_method="expand_dims"``), so that vmap runs the kernel too; ``batched=False`` may let the
+    gradient take the logits' buffer, which a batch's broadcast operands could not give."""
     args = _arrays(args)
     mode = _use_ffi(dtype)
     if mode is None:
         return jnp_fn(*args)
-    batched = jax.custom_batching.custom_vmap(ffi_fn)
+    batched = jax.custom_batching.custom_vmap(functools.partial(ffi_fn, batched=False))
 
     @batched.def_vmap
     def _rule(axis_size: int, in_batched: Any, *xs: Any) -> Any:
         axes = [jax.tree_util.tree_map(lambda b: 0 if b else None, b) for b in in_batched]
-        out = jax.vmap(jnp_fn, in_axes=tuple(axes))(*xs)
+        out = jax.vmap(functools.partial(ffi_fn, batched=True), in_axes=tuple(axes))(*xs)
         return out, jax.tree_util.tree_map(lambda _: True, out)
 
     if mode == "ffi":
@@ -125,12 +128,12 @@ def loss_and_unit_grad(
         ones = jnp.ones(shape.batch_shape, x.dtype) if opts.reduction == "none" else None
         return reference.cross_entropy_and_grad(jnp, x, target, weight, shape, o, ones)
 
-    def by_ffi(x: Any, target: Any, weight: Any, normalizer: Any) -> tuple[Any, Any]:
+    def by_ffi(x: Any, target: Any, weight: Any, normalizer: Any, *, batched: bool) -> tuple[Any, Any]:
         outer, classes, inner = _dims(tuple(x.shape), shape.class_axis)
         t = target.reshape((outer, classes, inner) if shape.probability_target else (outer, inner))
         loss, grad = _ffi.cross_entropy_fwd(
             x.reshape(outer, classes, inner), t, weight, normalizer, outer=outer, classes=classes, inner=inner,
-            probability=shape.probability_target, opts=opts, want_grad=want_grad,
+            probability=shape.probability_target, opts=opts, want_grad=want_grad, reuse_logits=not batched,
         )  # fmt: skip
         loss = loss.reshape(shape.batch_shape) if opts.reduction == "none" else loss
         return loss, grad.reshape(x.shape) if want_grad else jnp.zeros((0,), x.dtype)
@@ -143,7 +146,7 @@ def nll_loss(x: Any, target: Any, weight: Any, normalizer: Any, shape: LossShape
     def by_jnp(x: Any, target: Any, weight: Any, normalizer: Any) -> Any:
         return reference.nll_loss(jnp, x, target, weight, shape, _with_normalizer(opts, normalizer))
 
-    def by_ffi(x: Any, target: Any, weight: Any, normalizer: Any) -> Any:
+    def by_ffi(x: Any, target: Any, weight: Any, normalizer: Any, *, batched: bool) -> Any:
         outer, classes, inner = _dims(tuple(x.shape), shape.class_axis)
         loss = _ffi.nll_loss_fwd(
             x.reshape(outer, classes, inner), target.reshape(outer, inner), weight, normalizer,
@@ -162,7 +165,7 @@ def softmax_op(x: Any, axis: int, op: str) -> Any:
             return reference.logsumexp(jnp, x, axis, False)
         return getattr(reference, op)(jnp, x, axis)
 
-    def by_ffi(x: Any) -> Any:
+    def by_ffi(x: Any, *, batched: bool) -> Any:
         outer, classes, inner = _dims(tuple(x.shape), axis)
         out = _ffi.softmax_op(x.reshape(outer, classes, inner), outer=outer, classes=classes, inner=inner, op=op)
         return out.reshape(x.shape[:axis] + x.shape[axis + 1 :] if op == "logsumexp" else x.shape)
