@@ -80,6 +80,11 @@ def _arrays(args: Any) -> Any:
     return jax.tree_util.tree_map(jnp.asarray, args)
 
 
+def _varying(a: Any) -> frozenset[Any]:
+    """The mesh axes over which ``a`` varies inside shard_map (none outside it)."""
+    return frozenset(jax.typeof(a).manual_axis_type.varying)
+
+
 def _dispatch(dtype: Any, ffi_fn: Any, jnp_fn: Any, *args: Any) -> Any:
     """``jnp_fn(*args)``, or ``ffi_fn(*args)`` where the FFI runs. ``ffi_fn(*args, batched=...)``: under
     ``vmap`` it is called with ``batched=True`` and vmapped, the FFI call keeping the batch (one custom
@@ -97,9 +102,18 @@ def _dispatch(dtype: Any, ffi_fn: Any, jnp_fn: Any, *args: Any) -> Any:
         out = jax.vmap(functools.partial(ffi_fn, batched=True), in_axes=tuple(axes))(*xs)
         return out, jax.tree_util.tree_map(lambda _: True, out)
 
+    def on_cpu(*xs: Any) -> Any:
+        # Inside shard_map a custom call's results are typed as invariant over the mesh axes; they vary
+        # as its operands do (and platform_dependent's branches must agree with the jnp one's types).
+        axes = frozenset().union(*(_varying(a) for a in xs if a is not None))
+        out = batched(*xs)
+        if not axes:
+            return out
+        return jax.tree_util.tree_map(lambda o: jax.lax.pcast(o, tuple(sorted(axes - _varying(o))), to="varying"), out)
+
     if mode == "ffi":
-        return batched(*args)
-    return jax.lax.platform_dependent(*args, cpu=batched, default=jnp_fn)
+        return on_cpu(*args)
+    return jax.lax.platform_dependent(*args, cpu=on_cpu, default=jnp_fn)
 
 
 def _dims(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
