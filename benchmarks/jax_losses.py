@@ -3,8 +3,10 @@
     python benchmarks/jax_losses.py            # 4096x32768 and 8x21x256x256 float32, linear loss at 2048x512x32768
     python benchmarks/jax_losses.py --quick    # small sizes, to check that it runs end to end
 
-Forward and value_and_grad, timed in turns in one process (crossent.bench.rounds_in_turns), the
-backend crossent.jax used ("ffi" or "jnp") recorded beside each figure. The linear loss's compiled
+Forward, value_and_grad and a training step (logits made inside the jitted function, so that XLA may
+give their buffer to the gradient), timed in turns in one process (crossent.bench.rounds_in_turns):
+crossent.jax with its default backend (the FFI kernel on the CPU where built) and with "jnp" forced,
+optax, a hand-written loss, and crossent's NumPy kernel. The linear loss's compiled
 temporary memory (memory_analysis, a deterministic figure) and time against the naive
 ``cross_entropy(hidden @ kernel)``. Writes JSON with the machine's metadata to
 benchmarks/results/jax-<time>.json, or to --out.
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import crossent
 import crossent.jax as cj
 from crossent.bench import write_report
 from crossent.bench.suite import rounds_in_turns
@@ -35,31 +38,59 @@ def _handwritten(x: Any, y: Any, axis: int) -> Any:
 
 
 def _losses(axis: int) -> dict[str, Any]:
-    return {
-        "crossent.jax": lambda x, y: cj.cross_entropy(x, y, axis=axis),
+    def with_backend(name: str) -> Any:
+        def loss(x: Any, y: Any) -> Any:
+            return cj.cross_entropy(x, y, axis=axis)
+
+        return name, loss
+
+    losses = {
         "optax": lambda x, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x, y, axis=axis)),
         "jax.nn.logsumexp": lambda x, y: _handwritten(x, y, axis),
     }
+    return {"crossent.jax (auto)": with_backend("auto"), "crossent.jax (jnp)": with_backend("jnp"), **losses}
+
+
+def _jitted(fn: Any, mode: str, args: tuple[Any, ...]) -> Any:
+    """fn compiled for ``args``: forward, value_and_grad, or a training step whose logits are made inside
+    (x * s, dead after the loss, as a matmul's would be) and whose gradient is d/ds (the logits'
+    gradient a temporary, as before a matmul's backward). ``(backend, fn)``: traced under that backend."""
+    backend, fn = fn if isinstance(fn, tuple) else (None, fn)
+    if mode == "forward":
+        f = jax.jit(fn)
+    elif mode == "value_and_grad":
+        f = jax.jit(jax.value_and_grad(fn))
+    else:
+        f = jax.jit(lambda s, x, y: jax.value_and_grad(lambda s: fn(x * s, y))(s))
+    with cj.use_backend(backend or cj.current_backend()):  # read when traced: trace now, under it
+        return f.lower(*args).compile()
 
 
 def bench_loss(shape: tuple[int, ...], axis: int, rounds: int) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+    xn = rng.standard_normal(shape, dtype=np.float32)
     batch = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
-    y = jnp.asarray(rng.integers(0, shape[axis], batch).astype(np.int32))
+    yn = rng.integers(0, shape[axis], batch).astype(np.int32)
+    x, y = jnp.asarray(xn), jnp.asarray(yn)
+    s = jnp.float32(1.0)
     rows = []
-    for mode in ["forward", "value_and_grad"]:
+    for mode in ["forward", "value_and_grad", "step"]:
         calls = {}
         for name, fn in _losses(axis).items():
-            f = jax.jit(fn if mode == "forward" else jax.value_and_grad(fn))
-            calls[name] = lambda f=f: jax.block_until_ready(f(x, y))
+            args = (s, x, y) if mode == "step" else (x, y)
+            f = _jitted(fn, mode, args)
+            calls[name] = lambda f=f, args=args: jax.block_until_ready(f(*args))
+        if mode == "forward":
+            calls["numpy kernel"] = lambda: crossent.cross_entropy(xn, yn, axis=axis)
+        elif mode == "value_and_grad":
+            calls["numpy kernel"] = lambda: crossent.cross_entropy_and_grad(xn, yn, axis=axis)
         times = rounds_in_turns(calls, rounds)
         best = {name: min(t) for name, t in times.items()}
         for name, t in times.items():
             rows.append({
                 "shape": list(shape), "axis": axis, "dtype": "float32", "mode": mode, "impl": name,
                 "best_ms": 1e3 * min(t), "median_ms": 1e3 * statistics.median(t), "rounds": len(t),
-                "vs_crossent": min(t) / best["crossent.jax"],
+                "vs_crossent": min(t) / best["crossent.jax (auto)"],
             })  # fmt: skip
     return rows
 
@@ -74,6 +105,11 @@ def bench_linear(n: int, d: int, v: int, rounds: int, chunk: int | None) -> dict
         "linear": jax.jit(
             jax.value_and_grad(lambda h, k, y: cj.linear_cross_entropy(h, k, y, chunk_size=chunk), argnums=(0, 1))
         ),
+        "linear (vocab chunks)": jax.jit(
+            jax.value_and_grad(
+                lambda h, k, y: cj.linear_cross_entropy(h, k, y, chunk_size=64, vocab_chunk_size=8192), argnums=(0, 1)
+            )
+        ),
     }
     memory = {}
     for name, step in steps.items():
@@ -87,8 +123,10 @@ def bench_linear(n: int, d: int, v: int, rounds: int, chunk: int | None) -> dict
         "n": n, "d": d, "v": v, "chunk_size": chunk, "memory": memory,
         "temp_ratio": memory["linear"]["temp_bytes"] / memory["naive"]["temp_bytes"],
         "temp_beyond_gradient_ratio": (memory["linear"]["temp_bytes"] - gradient_bytes) / memory["naive"]["temp_bytes"],
+        "vocab_temp_ratio": memory["linear (vocab chunks)"]["temp_bytes"] / memory["naive"]["temp_bytes"],
         "best_ms": {name: 1e3 * min(t) for name, t in times.items()},
         "time_ratio": min(times["linear"]) / min(times["naive"]),
+        "vocab_time_ratio": min(times["linear (vocab chunks)"]) / min(times["naive"]),
     }  # fmt: skip
 
 
@@ -108,13 +146,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loss {shape} axis={axis}", file=sys.stderr, flush=True)
         rows += bench_loss(shape, axis, rounds)
     for row in rows:
-        print(f"{row['mode']:15} {row['shape']!s:22} {row['impl']:18} {row['best_ms']:9.2f} ms "
+        print(f"{row['mode']:15} {row['shape']!s:22} {row['impl']:20} {row['best_ms']:9.2f} ms "
               f"x{row['vs_crossent']:.2f}")  # fmt: skip
     print(f"linear {linear}", file=sys.stderr, flush=True)
     lin = bench_linear(*linear, rounds=max(2, rounds // 3), chunk=None)
     print(f"linear loss temp memory {lin['memory']['linear']['temp_bytes'] / 2**20:.1f} MiB vs naive "
           f"{lin['memory']['naive']['temp_bytes'] / 2**20:.1f} MiB ({lin['temp_ratio']:.3f}; beyond the kernel "
-          f"gradient {lin['temp_beyond_gradient_ratio']:.3f}), time x{lin['time_ratio']:.2f}")  # fmt: skip
+          f"gradient {lin['temp_beyond_gradient_ratio']:.3f}), time x{lin['time_ratio']:.2f}; vocabulary chunks: "
+          f"temp {lin['vocab_temp_ratio']:.3f} of naive, time x{lin['vocab_time_ratio']:.2f}")  # fmt: skip
     payload = {
         "jax": jax.__version__, "optax": optax.__version__, "backend": cj.current_backend(),
         "ffi_available": cj.ffi_available(), "losses": rows, "linear": lin,

@@ -12,9 +12,8 @@ import numpy as np
 
 assert "--xla_force_host_platform_device_count=4" in os.environ.get("XLA_FLAGS", ""), "run via test_jax_parallel.py"
 
-import jax.extend  # noqa: E402
-
 import jax  # noqa: E402
+import jax.extend  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402

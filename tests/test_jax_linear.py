@@ -42,14 +42,18 @@ def test_linear_matches_the_logits_loss_for_every_chunk_size(rng, options):
     kw = {key: val for key, val in options.items()}
     expected = oracle.cross_entropy(h @ k + b, y, **kw, want_grad=False)
     oracle.assert_close(want, expected.loss, np.float64)
-    for chunk in [1, 4, 7, 23, 100]:
+    # Rows per chunk and classes per vocabulary chunk (None: whole rows): one chunk, uneven ones, one
+    # row or class at a time, a last vocabulary chunk that overlaps the one before (17 = 5 + 5 + 5 + 2).
+    for chunk, vchunk in [(1, None), (7, None), (100, None), (4, 5), (23, 1), (7, 16), (100, 17)]:
         got, pull = jax.vjp(
-            jax.jit(lambda h, k, b, c=chunk: cj.linear_cross_entropy(h, k, y, bias=b, chunk_size=c, **options)),
+            jax.jit(lambda h, k, b, c=chunk, vc=vchunk: cj.linear_cross_entropy(
+                h, k, y, bias=b, chunk_size=c, vocab_chunk_size=vc, **options)),
             h, k, b,
         )  # fmt: skip
-        oracle.assert_close(got, expected.loss, np.float64, what=f"loss chunk={chunk}")
+        what = f"chunk={chunk} vocab_chunk={vchunk}"
+        oracle.assert_close(got, expected.loss, np.float64, what=f"loss {what}")
         for name, g, e in zip(["hidden", "kernel", "bias"], pull(ct), want_grads, strict=True):
-            np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-12, err_msg=f"{name} chunk={chunk}")
+            np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-12, err_msg=f"{name} {what}")
 
 
 def test_linear_batch_shape_float32_and_no_bias(rng):
@@ -69,6 +73,9 @@ def test_linear_out_of_range_labels(rng):
     with pytest.raises(IndexError, match="target value 5"):
         cj.linear_cross_entropy(h, k, np.array([0, 5, 1, 2]))
     f = jax.jit(jax.value_and_grad(lambda h, y: cj.linear_cross_entropy(h, k, y), argnums=0))
+    loss, g = f(h, jnp.array([0, 5, 1, 2]))
+    assert np.isnan(loss) and np.all(np.isnan(g[1]))
+    f = jax.jit(jax.value_and_grad(lambda h, y: cj.linear_cross_entropy(h, k, y, vocab_chunk_size=2), argnums=0))
     loss, g = f(h, jnp.array([0, 5, 1, 2]))
     assert np.isnan(loss) and np.all(np.isnan(g[1]))
 

@@ -231,10 +231,18 @@ def _check_normalizer(value: float, given: Any) -> float:
 
 def _host_value(array: Any) -> float | None:
     """A 0-d array's value where reading it costs no device synchronisation (NumPy, a CPU tensor outside
-    torch.compile's tracing), else None: such a normalizer (a CUDA tensor, a JAX array or tracer) is
-    checked where it is used, where a bad value turns the loss into NaN."""
+    torch.compile's tracing, a concrete JAX array on the CPU), else None: such a normalizer (a CUDA tensor,
+    a JAX array on an accelerator, a JAX tracer) is checked where it is used, where a bad value turns the
+    loss into NaN."""
     if isinstance(array, (np.ndarray, np.generic)):
         return float(array)
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(array, jax.Array) and not isinstance(array, jax.core.Tracer):
+        # A concrete JAX array on the host (an eager call, or a constant closed over by jit): reading it
+        # costs no device round trip. On an accelerator it would, and the NaN rule applies instead.
+        if all(d.platform == "cpu" for d in array.devices()):
+            return float(array)
+        return None
     if type(array).__module__.startswith("torch") and getattr(getattr(array, "device", None), "type", None) == "cpu":
         import torch
 

@@ -4,7 +4,7 @@ Imports nothing of crossent's but ``_validate``; the public layer and every fast
 against these functions.
 """
 
-from .losses import cross_entropy, cross_entropy_and_grad, nll_loss, reduce_losses
+from .losses import cross_entropy, cross_entropy_and_grad, mean_denominator, nll_loss, reduce_losses
 from .softmax import log_softmax, logsumexp, softmax
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "cross_entropy_and_grad",
     "log_softmax",
     "logsumexp",
+    "mean_denominator",
     "nll_loss",
     "reduce_losses",
     "softmax",

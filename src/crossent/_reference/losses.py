@@ -63,10 +63,13 @@ def reduce_losses(xp: Any, per_element: Any, denominator: Any, opts: LossOptions
     total = xp.sum(xp.astype(per_element, denominator.dtype))
     if opts.reduction == "sum":
         return total
-    loss = total / denominator
-    if opts.zero_if_all_ignored:
-        loss = xp.where(denominator == 0, xp.zeros_like(loss), loss)
-    return loss
+    if not opts.zero_if_all_ignored:
+        return total / denominator
+    # Divided by 1 where the result is replaced by 0: autodiff of where() multiplies the division's
+    # derivative (1/0) by the 0 it selects, which is NaN (JAX's grad of nll_loss goes through here).
+    zero = denominator == 0
+    safe = xp.where(zero, xp.ones_like(denominator), denominator)
+    return xp.where(zero, xp.zeros_like(total), total / safe)
 
 
 def _upstream(xp: Any, grad_output: Any, denominator: Any, opts: LossOptions, dtype: Any, dev: Any) -> Any:
@@ -83,7 +86,7 @@ def _upstream(xp: Any, grad_output: Any, denominator: Any, opts: LossOptions, dt
     return g
 
 
-def _mean_denominator(xp: Any, opts: LossOptions, default: Any, dev: Any) -> Any:
+def mean_denominator(xp: Any, opts: LossOptions, default: Any, dev: Any) -> Any:
     """What ``mean`` divides by, in the batch-sum dtype (the total is summed in the same).
 
     A normalizer that crossent._validate could not read (a JAX tracer, an accelerator's array) and that
@@ -155,7 +158,7 @@ def _cross_entropy(
         z_term = opts.z_loss * stats.lse**2
         per_element = per_element + (z_term if valid is None else xp.where(valid, z_term, zero))
 
-    denominator = _mean_denominator(xp, opts, default_denominator, dev)
+    denominator = mean_denominator(xp, opts, default_denominator, dev)
     loss = xp.astype(reduce_losses(xp, per_element, denominator, opts), dtype)
     if not want_grad:
         return loss, None
@@ -213,5 +216,5 @@ def nll_loss(xp: Any, input: Any, target: Any, weight: Any, shape: LossShape, op
     terms = _class_index_terms(xp, target, shape.n_classes, opts.ignore_index, w, zero)
     picked = xp.sum(xp.where(terms.onehot, x, zero), axis=-1)  # (...,) input[target]
     per_element = -(terms.target_weight * picked)
-    denominator = _mean_denominator(xp, opts, xp.sum(xp.astype(terms.target_weight, batch_dtype(xp))), dev)
+    denominator = mean_denominator(xp, opts, xp.sum(xp.astype(terms.target_weight, batch_dtype(xp))), dev)
     return xp.astype(reduce_losses(xp, per_element, denominator, opts), dtype)

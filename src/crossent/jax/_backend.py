@@ -11,12 +11,12 @@ already compiled keeps the implementation it was traced with.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
-import jax.numpy as jnp
-
 import jax
+import jax.numpy as jnp
 
 from .. import _reference as reference
 from .._validate import LossOptions, LossShape
@@ -80,24 +80,40 @@ def _arrays(args: Any) -> Any:
     return jax.tree_util.tree_map(jnp.asarray, args)
 
 
+def _varying(a: Any) -> frozenset[Any]:
+    """The mesh axes over which ``a`` varies inside shard_map (none outside it)."""
+    return frozenset(jax.typeof(a).manual_axis_type.varying)
+
+
 def _dispatch(dtype: Any, ffi_fn: Any, jnp_fn: Any, *args: Any) -> Any:
-    """``jnp_fn(*args)``, or ``ffi_fn(*args)`` where the FFI runs: under ``vmap`` the FFI call falls back
-    to the vmapped jnp function (the kernel's shapes are fixed when it is traced)."""
+    """``jnp_fn(*args)``, or ``ffi_fn(*args)`` where the FFI runs. ``ffi_fn(*args, batched=...)``: under
+    ``vmap`` it is called with ``batched=True`` and vmapped, the FFI call keeping the batch (one custom
+    call, ``vmap_method="expand_dims"``), so that vmap runs the kernel too; ``batched=False`` may let the
+    gradient take the logits' buffer, which a batch's broadcast operands could not give."""
     args = _arrays(args)
     mode = _use_ffi(dtype)
     if mode is None:
         return jnp_fn(*args)
-    batched = jax.custom_batching.custom_vmap(ffi_fn)
+    batched = jax.custom_batching.custom_vmap(functools.partial(ffi_fn, batched=False))
 
     @batched.def_vmap
     def _rule(axis_size: int, in_batched: Any, *xs: Any) -> Any:
         axes = [jax.tree_util.tree_map(lambda b: 0 if b else None, b) for b in in_batched]
-        out = jax.vmap(jnp_fn, in_axes=tuple(axes))(*xs)
+        out = jax.vmap(functools.partial(ffi_fn, batched=True), in_axes=tuple(axes))(*xs)
         return out, jax.tree_util.tree_map(lambda _: True, out)
 
+    def on_cpu(*xs: Any) -> Any:
+        # Inside shard_map a custom call's results are typed as invariant over the mesh axes; they vary
+        # as its operands do (and platform_dependent's branches must agree with the jnp one's types).
+        axes = frozenset().union(*(_varying(a) for a in xs if a is not None))
+        out = batched(*xs)
+        if not axes:
+            return out
+        return jax.tree_util.tree_map(lambda o: jax.lax.pcast(o, tuple(sorted(axes - _varying(o))), to="varying"), out)
+
     if mode == "ffi":
-        return batched(*args)
-    return jax.lax.platform_dependent(*args, cpu=batched, default=jnp_fn)
+        return on_cpu(*args)
+    return jax.lax.platform_dependent(*args, cpu=on_cpu, default=jnp_fn)
 
 
 def _dims(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
@@ -126,12 +142,12 @@ def loss_and_unit_grad(
         ones = jnp.ones(shape.batch_shape, x.dtype) if opts.reduction == "none" else None
         return reference.cross_entropy_and_grad(jnp, x, target, weight, shape, o, ones)
 
-    def by_ffi(x: Any, target: Any, weight: Any, normalizer: Any) -> tuple[Any, Any]:
+    def by_ffi(x: Any, target: Any, weight: Any, normalizer: Any, *, batched: bool) -> tuple[Any, Any]:
         outer, classes, inner = _dims(tuple(x.shape), shape.class_axis)
         t = target.reshape((outer, classes, inner) if shape.probability_target else (outer, inner))
         loss, grad = _ffi.cross_entropy_fwd(
             x.reshape(outer, classes, inner), t, weight, normalizer, outer=outer, classes=classes, inner=inner,
-            probability=shape.probability_target, opts=opts, want_grad=want_grad,
+            probability=shape.probability_target, opts=opts, want_grad=want_grad, reuse_logits=not batched,
         )  # fmt: skip
         loss = loss.reshape(shape.batch_shape) if opts.reduction == "none" else loss
         return loss, grad.reshape(x.shape) if want_grad else jnp.zeros((0,), x.dtype)
@@ -144,7 +160,7 @@ def nll_loss(x: Any, target: Any, weight: Any, normalizer: Any, shape: LossShape
     def by_jnp(x: Any, target: Any, weight: Any, normalizer: Any) -> Any:
         return reference.nll_loss(jnp, x, target, weight, shape, _with_normalizer(opts, normalizer))
 
-    def by_ffi(x: Any, target: Any, weight: Any, normalizer: Any) -> Any:
+    def by_ffi(x: Any, target: Any, weight: Any, normalizer: Any, *, batched: bool) -> Any:
         outer, classes, inner = _dims(tuple(x.shape), shape.class_axis)
         loss = _ffi.nll_loss_fwd(
             x.reshape(outer, classes, inner), target.reshape(outer, inner), weight, normalizer,
@@ -163,7 +179,7 @@ def softmax_op(x: Any, axis: int, op: str) -> Any:
             return reference.logsumexp(jnp, x, axis, False)
         return getattr(reference, op)(jnp, x, axis)
 
-    def by_ffi(x: Any) -> Any:
+    def by_ffi(x: Any, *, batched: bool) -> Any:
         outer, classes, inner = _dims(tuple(x.shape), axis)
         out = _ffi.softmax_op(x.reshape(outer, classes, inner), outer=outer, classes=classes, inner=inner, op=op)
         return out.reshape(x.shape[:axis] + x.shape[axis + 1 :] if op == "logsumexp" else x.shape)

@@ -85,10 +85,10 @@ def _index_target(target: Any, classes: int, ignore_index: int) -> Any:
     return target.astype(wide)
 
 
-def _call(target_name: str, results: Any) -> Any:
+def _call(target_name: str, results: Any, aliases: dict[int, int] | None = None) -> Any:
     if not _register():
         raise RuntimeError(f"crossent's XLA FFI handlers are not built into this installation ({target_name})")
-    return jax.ffi.ffi_call(target_name, results, vmap_method=_VMAP)
+    return jax.ffi.ffi_call(target_name, results, vmap_method=_VMAP, input_output_aliases=aliases)
 
 
 def _loss_operands(
@@ -136,6 +136,7 @@ def cross_entropy_fwd(
     probability: bool,
     opts: LossOptions,
     want_grad: bool,
+    reuse_logits: bool = False,
 ) -> tuple[Any, Any]:
     """The loss of (outer, classes, inner) logits, and d(loss)/d(x) for a unit upstream gradient.
 
@@ -150,6 +151,9 @@ def cross_entropy_fwd(
         A 0-d divisor for ``mean`` in place of torch's; may be traced. Not positive (or NaN): NaN loss.
     opts : crossent._validate.LossOptions
         The validated static options (``opts.normalizer`` is ignored: ``normalizer`` is the operand).
+    reuse_logits : bool
+        Let the gradient take x's buffer (XLA aliases the output to the operand) with the classes
+        contiguous (``inner == 1``); not under ``vmap`` of an unbatched x (the shapes would differ).
 
     Returns
     -------
@@ -163,7 +167,12 @@ def cross_entropy_fwd(
     results = [_loss_shape(outer, inner, dtype, opts.reduction)]
     if want_grad:
         results.append(jax.ShapeDtypeStruct((outer, classes, inner), dtype))
-    call = _call(_CROSS_ENTROPY, results)
+    # The gradient may take the logits' buffer (XLA aliases it: no fresh gradient-sized buffer, whose
+    # first touch costs a page fault per 4 KiB; where the logits stay live, XLA copies them first).
+    # The kernel overwrites logits row by row only with the classes contiguous (inner == 1); it sees
+    # the same pointer for both and reads each row before writing it.
+    aliases = {0: 1} if want_grad and reuse_logits and inner == 1 else None
+    call = _call(_CROSS_ENTROPY, results, aliases)
     out = call(
         x, *operands, **_layout_attrs(outer, classes, inner), **attrs,
         probability=np.bool_(probability),

@@ -4,13 +4,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-
-import jax
 
 from .. import _reference as reference
 from .. import _validate as validate
@@ -135,6 +135,7 @@ def _prepare(
     shape = validate.loss_shape(jnp, input, target, axis, allow_probabilities=allow_probabilities)
     if weight is not None:
         validate.check_weight(jnp, weight, shape.n_classes)
+    validate.check_target_options(shape.probability_target, opts)
     if not shape.probability_target:
         validate.check_class_indices(jnp, target, shape.n_classes, opts.ignore_index)  # skipped when traced
         target = _unsigned_without_wrapping(target, shape.n_classes, opts.ignore_index)
@@ -142,8 +143,6 @@ def _prepare(
     if normalizer is not None and not jnp.issubdtype(normalizer.dtype, jnp.floating):
         normalizer = normalizer.astype(batch_dtype(jnp))
     # The options travel as static (hashable) data; an array normalizer travels as an operand.
-    import dataclasses
-
     return input, target, weight, normalizer, shape, dataclasses.replace(opts, normalizer=None)
 
 

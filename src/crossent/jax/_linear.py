@@ -15,9 +15,8 @@ import functools
 import math
 from typing import Any
 
-import jax.numpy as jnp
-
 import jax
+import jax.numpy as jnp
 
 from .. import _reference as reference
 from .. import _validate as validate
@@ -28,12 +27,16 @@ from ._functional import _unsigned_without_wrapping, as_jax
 # Bytes of float32 logits one chunk may hold: the chunk's temporaries (logits, their gradient and the
 # reference's intermediates) are a few times this.
 CHUNK_BYTES = 4 << 20
+# Fewer rows than this per chunk (a vocabulary past CHUNK_BYTES / 64 B, 65536 classes) would starve the
+# matmuls: past it, chunks of VOCAB_ROWS rows and as many classes as CHUNK_BYTES holds.
+MIN_ROWS, VOCAB_ROWS = 16, 64
 
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
     rows: int
     chunk: int
+    vocab_chunk: int | None  # classes per vocabulary chunk, or None: whole rows
     opts: LossOptions  # with normalizer=None; an array normalizer travels as an operand
 
 
@@ -50,7 +53,10 @@ def _denominator_and_scale(labels: Any, weight: Any, normalizer: Any, opts: Loss
     bdt = batch_dtype(jnp)
     if opts.reduction != "mean":
         return jnp.ones((), bdt), jnp.ones((), bdt)
-    denom = jnp.sum(_target_weights(labels, weight, opts, bdt)) if normalizer is None else normalizer.astype(bdt)
+    if normalizer is None:
+        denom = jnp.sum(_target_weights(labels, weight, opts, bdt))
+    else:  # negative, infinite or NaN (traced, so unchecked): NaN, as the specification's rule
+        denom = reference.mean_denominator(jnp, dataclasses.replace(opts, normalizer=normalizer), None, None)
     scale = 1.0 / denom
     if opts.zero_if_all_ignored:
         scale = jnp.where(denom == 0, 0.0, scale)
@@ -73,6 +79,105 @@ def _chunk(h: Any, kernel: Any, bias: Any, y: Any, weight: Any, opts: LossOption
     return loss, dh, dk, db
 
 
+def _vocab_slices(kernel: Any, bias: Any, j: Any, vc: int) -> tuple[Any, Any, Any, Any]:
+    """Vocabulary chunk j: its kernel columns (D, vc), bias, first column, and which of its columns are
+    its own. The last chunk is taken flush with the end (overlapping the one before, whose columns it
+    masks) so that nothing is padded: a padded copy of the kernel would be a kernel-sized temporary."""
+    v = kernel.shape[1]
+    start = jnp.minimum(j * vc, v - vc)
+    cols = start + jnp.arange(vc)
+    k = jax.lax.dynamic_slice_in_dim(kernel, start, vc, axis=1)
+    b = None if bias is None else jax.lax.dynamic_slice_in_dim(bias, start, vc)
+    return k, b, start, cols >= j * vc
+
+
+def _vocab_logits(h: Any, k: Any, b: Any, opts: LossOptions, cdt: Any) -> tuple[Any, Any]:
+    z = jnp.matmul(h, k, preferred_element_type=cdt)
+    if b is not None:
+        z = z + b.astype(cdt)
+    if opts.softcap is None:
+        return z, None
+    t = jnp.tanh(z / opts.softcap)
+    return opts.softcap * t, t
+
+
+def _chunk_by_vocab(
+    h: Any, kernel: Any, bias: Any, y: Any, weight: Any, opts: LossOptions, upstream: Any, vc: int, acc: Any
+) -> tuple[Any, ...]:
+    """``_chunk`` with the classes in chunks of ``vc``: an online log-sum-exp over the chunks, then (for
+    gradients) a second sweep that recomputes each chunk's logits. The same per-row terms as the
+    specification (crossent._reference.losses): with lse the log-sum-exp of the (capped) logits x,
+
+        loss = (1 - eps) w_y (lse - x_y) + eps/C (sum_c w_c lse - sum_c w_c x_c) + z lse^2
+        dx_c = g (p_c ((1 - eps) w_y + eps/C sum_c w_c + 2 z lse) - (1 - eps) w_y [c = y] - eps/C w_c)
+
+    (times 1 - tanh^2 under the soft cap), 0 for an ignored row and NaN for an out-of-range class index.
+    ``acc`` holds the (D, V) and (V,) gradient sums, updated chunk by chunk in place."""
+    v = kernel.shape[1]
+    n_chunks = math.ceil(v / vc)
+    cdt = jnp.float64 if h.dtype == jnp.float64 else jnp.float32
+    eps, zl = opts.label_smoothing, opts.z_loss
+    w = None if weight is None else weight.astype(cdt)
+    rows = h.shape[0]
+
+    def col_weights(start: Any) -> Any:
+        return jnp.ones((vc,), cdt) if w is None else jax.lax.dynamic_slice_in_dim(w, start, vc)
+
+    def stats(carry: Any, j: Any) -> Any:
+        m, s, xy, wx = carry
+        k, b, start, own = _vocab_slices(kernel, bias, j, vc)
+        z, _ = _vocab_logits(h, k, b, opts, cdt)
+        z = jnp.where(own, z, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(z, axis=1))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
+        at_y = own & (start + jnp.arange(vc) == y[:, None])
+        xy = xy + jnp.sum(jnp.where(at_y, z, 0), axis=1)
+        if eps > 0:
+            wx = wx + jnp.sum(jnp.where(own, col_weights(start) * z, 0), axis=1)
+        return (m_new, s, xy, wx), None
+
+    zeros = jnp.zeros((rows,), cdt)
+    init = (jnp.full((rows,), -jnp.inf, cdt), zeros, zeros, zeros)
+    (m, s, xy, wx), _ = jax.lax.scan(stats, init, jnp.arange(n_chunks))
+    lse = m + jnp.log(s)
+    valid = y != opts.ignore_index
+    in_range = (y >= 0) & (y < v)
+    w_y = jnp.ones((rows,), cdt) if w is None else jnp.take(w, jnp.where(in_range, y, 0))
+    w_y = jnp.where(valid, jnp.where(in_range, w_y, jnp.nan), 0)  # NaN: the specification's rule
+    w_total = jnp.asarray(float(v), cdt) if w is None else jnp.sum(w)
+    loss = (1 - eps) * w_y * (lse - xy)
+    if eps > 0:
+        loss = loss + (eps / v) * (w_total * lse - wx)
+    if zl > 0:
+        loss = loss + zl * lse**2
+    loss = jnp.where(valid, loss, 0)
+    if upstream is None:
+        return (loss,)
+    coef = (1 - eps) * w_y + (eps / v) * w_total + 2 * zl * lse
+    g = upstream.astype(cdt)
+
+    def grads(carry: Any, j: Any) -> Any:
+        dh, dk_acc, db_acc = carry
+        k, b, start, own = _vocab_slices(kernel, bias, j, vc)
+        z, t = _vocab_logits(h, k, b, opts, cdt)
+        dx = jnp.exp(z - lse[:, None]) * coef[:, None]
+        dx = dx - jnp.where(start + jnp.arange(vc) == y[:, None], (1 - eps) * w_y[:, None], 0)
+        if eps > 0:
+            dx = dx - (eps / v) * col_weights(start)
+        dx = jnp.where(valid[:, None] & own, dx * g[:, None], 0)
+        if t is not None:
+            dx = dx * (1 - t * t)
+        dh = dh + jnp.matmul(dx, k.T.astype(cdt))
+        dk = jax.lax.dynamic_slice_in_dim(dk_acc, start, vc, axis=1) + jnp.matmul(h.T.astype(cdt), dx)
+        db = jax.lax.dynamic_slice_in_dim(db_acc, start, vc) + jnp.sum(dx, axis=0)
+        dk_acc = jax.lax.dynamic_update_slice_in_dim(dk_acc, dk, start, axis=1)
+        db_acc = jax.lax.dynamic_update_slice_in_dim(db_acc, db, start, axis=0)
+        return (dh, dk_acc, db_acc), None
+
+    (dh, dk, db), _ = jax.lax.scan(grads, (jnp.zeros(h.shape, cdt), *acc), jnp.arange(n_chunks))
+    return loss, dh, (dk, db)
+
+
 def _sweep(h: Any, kernel: Any, bias: Any, y: Any, weight: Any, st: _Static, upstream: Any) -> tuple[Any, ...]:
     """Row losses (rows,) and, with upstream (rows,) given, d/d(hidden, kernel, bias) in float32/64."""
     n_chunks = math.ceil(st.rows / st.chunk)
@@ -84,6 +189,8 @@ def _sweep(h: Any, kernel: Any, bias: Any, y: Any, weight: Any, st: _Static, ups
     if upstream is None:
 
         def forward(_: Any, xs: Any) -> Any:
+            if st.vocab_chunk is not None:
+                return None, _chunk_by_vocab(xs[0], kernel, bias, xs[1], weight, st.opts, None, st.vocab_chunk, None)[0]
             return None, _chunk(xs[0], kernel, bias, xs[1], weight, st.opts, None)[0]
 
         _, losses = jax.lax.scan(forward, None, (hp, yp))
@@ -91,6 +198,9 @@ def _sweep(h: Any, kernel: Any, bias: Any, y: Any, weight: Any, st: _Static, ups
     gp = jnp.pad(upstream.astype(cdt), (0, pad)).reshape(n_chunks, st.chunk)
 
     def step(carry: Any, xs: Any) -> Any:
+        if st.vocab_chunk is not None:
+            loss, dh, carry = _chunk_by_vocab(xs[0], kernel, bias, xs[1], weight, st.opts, xs[2], st.vocab_chunk, carry)
+            return carry, (loss, dh)
         dk_acc, db_acc = carry
         loss, dh, dk, db = _chunk(xs[0], kernel, bias, xs[1], weight, st.opts, xs[2])
         return (dk_acc + dk, db_acc + db), (loss, dh)
@@ -151,6 +261,7 @@ def linear_cross_entropy(
     normalizer: Any = None,
     zero_if_all_ignored: bool = False,
     chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
 ) -> jax.Array:
     r"""``cross_entropy(hidden @ kernel + bias, labels, ...)`` without the (N, V) logits.
 
@@ -165,7 +276,12 @@ def linear_cross_entropy(
     weight, ignore_index, reduction, label_smoothing, z_loss, softcap, normalizer, zero_if_all_ignored
         As for :func:`crossent.jax.cross_entropy`.
     chunk_size : int, optional
-        Rows per chunk; by default as many as keep a chunk's float32 logits within 4 MiB.
+        Rows per chunk; by default as many as keep a chunk's float32 logits within 4 MiB, or, where
+        that would be fewer than 16 rows (more than 65536 classes), 64.
+    vocab_chunk_size : int, optional
+        Classes per vocabulary chunk: the loss takes an online log-sum-exp over the chunks and a second
+        sweep for the gradients, so that no row's logits exist whole. By default none (whole rows)
+        unless the rows alone cannot keep a chunk within 4 MiB; then as many classes as fit.
 
     Returns
     -------
@@ -213,15 +329,25 @@ def linear_cross_entropy(
         validate.check_weight(jnp, weight, v)
     validate.check_class_indices(jnp, labels, v, opts.ignore_index)
     rows = math.prod(labels.shape)
+    vocab_chunk = None
+    if vocab_chunk_size is not None:
+        vocab_chunk = validate.check_int(vocab_chunk_size, "vocab_chunk_size")
+        if vocab_chunk < 1:
+            raise ValueError(f"vocab_chunk_size must be at least 1, got {vocab_chunk_size!r}")
     if chunk_size is None:
-        chunk = max(1, min(rows, CHUNK_BYTES // (4 * v)))
+        chunk = CHUNK_BYTES // (4 * (v if vocab_chunk is None else min(vocab_chunk, v)))
+        if chunk < MIN_ROWS and vocab_chunk is None:
+            chunk, vocab_chunk = VOCAB_ROWS, max(1, CHUNK_BYTES // (4 * VOCAB_ROWS))
+        chunk = max(1, min(rows, chunk))
     else:
         chunk = validate.check_int(chunk_size, "chunk_size")
         if chunk < 1:
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size!r}")
         chunk = min(chunk, max(rows, 1))
+    if vocab_chunk is not None and vocab_chunk >= v:
+        vocab_chunk = None  # one chunk holds every class: whole rows
     y = _unsigned_without_wrapping(labels.reshape(rows), v, opts.ignore_index)
     norm = None if opts.normalizer is None else jnp.asarray(opts.normalizer)
-    st = _Static(rows=rows, chunk=chunk, opts=dataclasses.replace(opts, normalizer=None))
+    st = _Static(rows=rows, chunk=chunk, vocab_chunk=vocab_chunk, opts=dataclasses.replace(opts, normalizer=None))
     loss = _linear(hidden.reshape(rows, d), kernel, bias, y, weight, norm, st)
     return loss.reshape(labels.shape) if opts.reduction == "none" else loss

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
-
 import jax
+import jax.numpy as jnp
 
 from .. import _validate as validate
 from ._functional import as_jax, cross_entropy

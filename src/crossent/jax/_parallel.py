@@ -17,9 +17,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import jax.numpy as jnp
-
 import jax
+import jax.numpy as jnp
 
 from .. import _reference as reference
 from .. import _validate as validate
@@ -143,6 +142,7 @@ def vocab_parallel_cross_entropy(
     start = jax.lax.axis_index(axis_name) * width if vocab_start is None else vocab_start
     size = width if local_size is None else local_size
     probability = validate.is_floating(jnp, labels.dtype)
+    validate.check_target_options(probability, opts)
     if probability and tuple(labels.shape) != tuple(x.shape):
         raise ValueError(f"probability targets must have the local logits' shape {tuple(x.shape)}, got {labels.shape}")
     if not probability:
@@ -163,7 +163,10 @@ def vocab_parallel_cross_entropy(
     if opts.reduction == "none":
         return losses.reshape(rows_shape).astype(x.dtype)
     bdt = batch_dtype(jnp)
-    denom = jnp.sum(count) if opts.normalizer is None else jnp.asarray(opts.normalizer).astype(bdt)
+    if opts.normalizer is None:
+        denom = jnp.sum(count)
+    else:  # negative, infinite or NaN (traced, so unchecked): NaN, as the specification's rule
+        denom = reference.mean_denominator(jnp, opts, None, None)
     if opts.reduction == "mean" and opts.normalizer is None and probability:
         denom = jnp.asarray(float(math.prod(rows_shape)), bdt)
     return reference.reduce_losses(jnp, losses, denom, opts).astype(x.dtype)
