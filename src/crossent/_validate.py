@@ -323,6 +323,12 @@ def check_class_indices(xp: Any, target: Any, n_classes: int, ignore_index: int)
     """
     if math.prod(target.shape) == 0 or is_traced(target):
         return
+    if type(target).__module__.startswith("jax"):
+        # A concrete JAX array, e.g. labels closed over by a jitted function: its values are read on the
+        # host, since JAX operations on it would be staged into the trace and could not be read.
+        import array_api_compat.numpy as xp
+
+        target = np.asarray(target)
     if isinstance(target, np.ndarray):
         # One vectorised pass for the common case of no offender (the generic path below makes four).
         outside = (target < 0) | (target >= n_classes)
