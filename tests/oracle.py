@@ -1,7 +1,7 @@
 """The one parity oracle: PyTorch's own cross_entropy / nll_loss with autograd, in float64 by default.
 
 crossent's extras that torch lacks are built here from torch primitives, the way a user would write
-them by hand: ``softcap`` with ``torch.tanh`` before the loss, ``z_loss`` from ``torch.logsumexp``,
+them by hand: ``softcap`` with ``torch.tanh`` before the loss, ``z_loss`` from a log-sum-exp (see _logsumexp),
 ``normalizer`` as a sum divided by that number, ``axis`` with ``torch.movedim``.
 """
 
@@ -54,9 +54,12 @@ def cross_entropy(
         tt = torch.movedim(tt, axis, 1)
     logits = moved if softcap is None else softcap * torch.tanh(moved / softcap)
     w = None if weight is None else _tensor(weight, dtype)
-    plain = z_loss == 0 and normalizer is None and not zero_if_all_ignored and not probability
+    by_hand = probability or w is not None or label_smoothing > 0
+    plain = z_loss == 0 and normalizer is None and not zero_if_all_ignored and not by_hand
     if probability:
         per = _probability_cross_entropy(logits, tt, w, label_smoothing)
+    elif by_hand:
+        per = _class_index_cross_entropy(logits, tt, w, ignore_index, label_smoothing)
     else:
         per = F.cross_entropy(
             logits,
@@ -70,7 +73,7 @@ def cross_entropy(
         class_dim = 0 if logits.ndim == 1 else 1
         valid = torch.ones_like(per, dtype=torch.bool) if probability else tt != ignore_index
         if z_loss:
-            per = per + torch.where(valid, z_loss * torch.logsumexp(logits, class_dim) ** 2, 0.0)
+            per = per + torch.where(valid, z_loss * _logsumexp(logits, class_dim) ** 2, 0.0)
         if reduction == "none":
             loss = per
         elif reduction == "sum":
@@ -88,8 +91,11 @@ def cross_entropy(
                 # crossent's rule for a denominator of 0 (docs/differences-from-pytorch.md): the loss is
                 # the sum over 0, its gradient undefined, NaN on the elements that count (torch's ops
                 # give +-inf or NaN by their order of operations); ignored elements keep 0.
-                per.sum().backward(torch.tensor(torch.nan, dtype=dtype))
-                return Oracle(loss=loss.detach().numpy(), grad=xt.grad.numpy())
+                counted = valid.unsqueeze(class_dim).expand(logits.shape)
+                grad_moved = torch.where(counted, torch.nan, 0.0).to(dtype)
+                if axis is not None and xt.ndim >= 2:
+                    grad_moved = torch.movedim(grad_moved, 1, axis)
+                return Oracle(loss=loss.detach().numpy(), grad=grad_moved.numpy())
             if zero_if_all_ignored and denom == 0:
                 # crossent's promise: exactly 0, gradient 0, even where a counted element of weight 0 is
                 # NaN (a row of -inf logits); per.sum() * 0 would carry that NaN.
@@ -102,6 +108,15 @@ def cross_entropy(
         loss.backward(g)
         grad = xt.grad.numpy()
     return Oracle(loss=loss.detach().numpy(), grad=grad)
+
+
+def _logsumexp(x: Any, dim: int) -> Any:
+    """log(sum(exp(x))) whose gradient is the softmax as torch.softmax computes it. torch.logsumexp's
+    backward is exp(x - logsumexp(x)), wrong where the result rounds: for x = [1e28, 1e28] it gives
+    [1, 1] instead of [0.5, 0.5]."""
+    m = x.amax(dim, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return (m + torch.log(torch.exp(x - m).sum(dim, keepdim=True))).squeeze(dim)
 
 
 def _probability_cross_entropy(logits: Any, target: Any, weight: Any, label_smoothing: float) -> Any:
@@ -118,7 +133,33 @@ def _probability_cross_entropy(logits: Any, target: Any, weight: Any, label_smoo
         shape[class_dim] = n_classes
         t = t * weight.view(shape)
     log_probs = torch.log_softmax(logits, class_dim)
-    return -torch.where(t == 0, torch.zeros_like(log_probs), t * log_probs).sum(class_dim)
+    # Only a -inf log-probability is spared; a NaN one (a row with no finite logit) stays NaN.
+    zero_weight_at_minus_inf = (t == 0) & torch.isneginf(log_probs)
+    return -torch.where(zero_weight_at_minus_inf, torch.zeros_like(log_probs), t * log_probs).sum(class_dim)
+
+
+def _class_index_cross_entropy(logits: Any, target: Any, weight: Any, ignore_index: int, eps: float) -> Any:
+    """torch's per-element cross-entropy of class indices with class weights and label smoothing,
+    (1 - eps) w_y (-log p_y) + eps / C sum_c w_c (-log p_c) on the elements that count, written from
+    torch primitives with crossent's one difference: a term whose weight is exactly 0 adds 0 where its
+    log-probability is -inf (torch: 0 * inf = NaN); a NaN log-probability stays NaN."""
+    class_dim = 0 if logits.ndim == 1 else 1
+    n_classes = logits.shape[class_dim]
+    log_probs = torch.log_softmax(logits, class_dim)
+    valid = target != ignore_index
+    safe = torch.where(valid, target, 0)
+    w = torch.ones(n_classes, dtype=logits.dtype) if weight is None else weight
+    shape = [1] * logits.ndim
+    shape[class_dim] = n_classes
+
+    def term(scale: Any, log_p: Any) -> Any:
+        return torch.where((scale == 0) & torch.isneginf(log_p), torch.zeros_like(log_p), scale * -log_p)
+
+    log_p_y = log_probs.gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
+    per = term((1 - eps) * w[safe], log_p_y)
+    if eps > 0:
+        per = per + term((eps / n_classes) * w.view(shape), log_probs).sum(class_dim)
+    return torch.where(valid, per, torch.zeros_like(per))
 
 
 def nll_loss(

@@ -179,12 +179,13 @@ def _cross_entropy(
     if opts.z_loss > 0:
         dx = dx + (2.0 * opts.z_loss) * stats.lse[..., None] * p
     dx = g * dx
-    if valid is not None:
-        # where, not a multiply by the mask: an ignored row may hold NaN (all -inf logits) or meet an
-        # infinite upstream gradient (mean over no target), and must still get exactly 0.
-        dx = xp.where(valid[..., None], dx, zero)
     if opts.softcap is not None:
         dx = dx * (1.0 - tanh_x**2)
+    if valid is not None:
+        # where, not a multiply by the mask, and after the soft cap's factor: an ignored row may hold
+        # NaN (all -inf or NaN logits) or meet an infinite upstream gradient (mean over no target),
+        # and must still get exactly 0.
+        dx = xp.where(valid[..., None], dx, zero)
     grad = classes_back(xp, xp.astype(dx, dtype), axis)
     return loss, grad
 

@@ -392,6 +392,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         per_row, grads = _run_sweep(x, W, b, target, rows, chunk, upstream, chunk_loss)
         if grads is not None:
             chunk_loss.reduce_input_grad(grads[0])
+            if opts.zero_if_all_ignored and opts.reduction == "mean":
+                # A scale of 0 (a denominator of 0) promises gradients of exactly 0, also where a counted
+                # row has no finite logit and the chunks formed 0 * NaN (no host synchronisation).
+                for g in grads:
+                    if g is not None:
+                        g.masked_fill_(scale == 0, 0.0)
         ctx.chunk_loss, ctx.chunk = chunk_loss, chunk
         ctx.has_bias = b is not None
         loss = reduce_losses(per_row, denom, opts).to(x.dtype)

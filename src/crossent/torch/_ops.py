@@ -113,6 +113,10 @@ def _torch_loss_and_grad(
     per_element = torch.cat([loss.reshape(-1) for loss in losses]).reshape(shape.batch_shape)
     if opts.reduction == "none":
         return per_element, grad
+    if grad is not None and opts.zero_if_all_ignored and opts.reduction == "mean":
+        # A scale of 0 (a denominator of 0) promises a gradient of exactly 0, also where a counted row
+        # has no finite logit and the chunks formed 0 * NaN (no host synchronisation).
+        grad.masked_fill_(scale == 0, 0.0)
     return reduce_losses(per_element, denom, opts).to(input.dtype), grad
 
 
