@@ -22,6 +22,7 @@ API_MODULES = [
     "crossent",
     "crossent.torch",
     "crossent.torch.distributed",
+    "crossent.jax",
 ]
 
 extensions = [

@@ -505,10 +505,10 @@ def linear_cross_entropy(
     Parameters
     ----------
     input : Tensor, shape (..., D)
-    linear_weight : Tensor, shape (V, D), or (V, *out, D)
-        With K = len(out) >= 1 (torch 2.13's K-dimensional loss), the logits are (N, V, *out), one
+    linear_weight : Tensor, shape (V, D), or ``(V, *out, D)``
+        With K = len(out) >= 1 (torch 2.13's K-dimensional loss), the logits are ``(N, V, *out)``, one
         softmax over the V classes per position; ``input`` must then be (N, D), ``linear_bias``
-        (V, *out), and ``target`` (N, *out) class indices or (N, V, *out) probabilities.
+        ``(V, *out)``, and ``target`` ``(N, *out)`` class indices or ``(N, V, *out)`` probabilities.
     target : Tensor, shape (...) of class indices, or (..., V) of class probabilities
     chunk_size : int, optional
         Rows per chunk; by default derived from a 24 MiB budget for one chunk's logits and gradient.
