@@ -338,15 +338,20 @@ inline int64_t target_at(const void* target, int64_t row) {
     return static_cast<int64_t>(static_cast<const TI*>(target)[row]);
 }
 
-inline int64_t class_index(const LossCall& call, int64_t row) {
-    switch (call.target_kind) {
+// A row's class index, whatever the target's integer width (the loss's and the token statistics' targets).
+inline int64_t class_index_of(const void* target, TargetKind kind, int64_t row) {
+    switch (kind) {
         case TargetKind::i32:
-            return target_at<int32_t>(call.target, row);
+            return target_at<int32_t>(target, row);
         case TargetKind::u8:
-            return target_at<uint8_t>(call.target, row);
+            return target_at<uint8_t>(target, row);
         default:
-            return target_at<int64_t>(call.target, row);
+            return target_at<int64_t>(target, row);
     }
+}
+
+inline int64_t class_index(const LossCall& call, int64_t row) {
+    return class_index_of(call.target, call.target_kind, row);
 }
 
 // The class indices of rows [r0, r0 + n) as int64, one typed loop per target kind (not a switch per row).
@@ -1421,14 +1426,7 @@ void log_f64(const double* in, double* out, int64_t n, int threads) {
 //   d/dz_c = g_lp [c = y] + p_c (g_lse - g_lp - g_ent H - g_ent log p_c),  d/dx_c = d/dz_c / T.
 
 inline int64_t token_target(const TokenStatsCall& call, int64_t row) {
-    switch (call.target_kind) {
-        case TargetKind::i32:
-            return target_at<int32_t>(call.target, row);
-        case TargetKind::u8:
-            return target_at<uint8_t>(call.target, row);
-        default:
-            return target_at<int64_t>(call.target, row);
-    }
+    return class_index_of(call.target, call.target_kind, row);
 }
 
 template <class T>
