@@ -275,3 +275,23 @@ def test_info_separates_names_from_values(mode):
     for key in ("native", "isa", "available_isas", "omp_num_threads", "buffer_cache"):
         line = next(line for line in lines if line.startswith(key))
         assert line[len(key) : len(key) + 2] == "  ", line
+
+
+def test_special_values_are_standard_json_and_shown_in_the_rich_table():
+    # -inf on a non-target class is a valid input (loss 0.3133 on row 2, by hand: log(1 + e^-1) = 0.3133);
+    # +inf and NaN rows give NaN losses, as torch does.
+    logits, target = "inf,1,2;nan,0,1;-inf,2,3", "0;1;2"
+    result = run("explain", "--logits", logits, "--target", target, "--reduction", "none", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "Infinity" not in result.stdout and "NaN" not in result.stdout  # not standard JSON tokens
+    trace = json.loads(result.stdout)["traces"][0]
+    assert trace["loss"][0] == "nan" and trace["loss"][1] == "nan"
+    assert trace["loss"][2] == pytest.approx(np.log1p(np.exp(-1.0)), rel=1e-12)
+    assert trace["rows"][0]["max"] == "inf" and trace["rows"][2]["max"] == 3.0
+    # rich would read "[inf, 1.0000, 2.0000]" as a markup tag and print an empty cell
+    rich_out = subprocess.run(
+        [sys.executable, "-m", "crossent", "explain", "--logits", logits, "--target", target],
+        capture_output=True, text=True, timeout=120, check=False, env={**__import__("os").environ, "COLUMNS": "200"},
+    ).stdout  # fmt: skip
+    for cell in ("[inf, 1.0000, 2.0000]", "[nan, 0.0000, 1.0000]", "[-inf, 2.0000, 3.0000]"):
+        assert cell in rich_out

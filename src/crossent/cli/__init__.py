@@ -400,7 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--softcap", type=float, default=None)
     explain.add_argument("--max-rows", type=int, default=12, help="rows shown before summarising (default 12)")
     explain.add_argument("--plot", metavar="FILE.png", help="draw each row's probabilities, target marked")
-    explain.add_argument("--json", action="store_true", help="print a machine-readable result")
+    explain.add_argument(
+        "--json", action="store_true", help="print a machine-readable result (standard JSON; inf and nan as strings)"
+    )
     explain.add_argument("--plain", action="store_true", help="plain text even when rich is installed")
     explain.set_defaults(run=cmd_explain)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 from typing import Any
 
 from .trace import Trace
@@ -114,13 +115,14 @@ def render_plain(trace: Trace) -> str:
 
 def render_rich(trace: Trace) -> Any:
     from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
     header, body = _table_rows(trace)
     table = Table(*header, title=None, show_lines=False)
     for r in body:
-        table.add_row(*r)
+        table.add_row(*map(escape, r))  # a cell such as "[inf, 1.0]" would otherwise read as rich markup
     parts: list[Any] = [Text(line) for line in _heading(trace)]
     parts.append(table)
     parts += [Text(line) for line in _summary_lines(trace)]
@@ -139,13 +141,27 @@ def print_trace(trace: Trace, *, plain: bool = False) -> None:
         print(render_plain(trace))
 
 
+def _strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float as the string "inf", "-inf" or "nan": JSON has no such
+    numbers (Python's json would write the non-standard tokens Infinity and NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def trace_json(traces: list[Trace]) -> str:
+    """The traces as standard JSON; non-finite numbers as the strings "inf", "-inf", "nan"."""
+
     def as_dict(trace: Trace) -> dict[str, Any]:
         d = dataclasses.asdict(trace)
         d["checks"] = [{**dataclasses.asdict(c), "holds": c.holds} for c in trace.checks]
         return d
 
-    return json.dumps({"traces": [as_dict(t) for t in traces]}, indent=2)
+    return json.dumps(_strict_json({"traces": [as_dict(t) for t in traces]}), indent=2, allow_nan=False)
 
 
 # The plot: one panel per shown row (at most PLOT_ROWS), probabilities as bars, the target in red.
