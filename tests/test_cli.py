@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -291,7 +292,7 @@ def test_special_values_are_standard_json_and_shown_in_the_rich_table():
     # rich would read "[inf, 1.0000, 2.0000]" as a markup tag and print an empty cell
     rich_out = subprocess.run(
         [sys.executable, "-m", "crossent", "explain", "--logits", logits, "--target", target],
-        capture_output=True, text=True, timeout=120, check=False, env={**__import__("os").environ, "COLUMNS": "200"},
+        capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "COLUMNS": "200"},
     ).stdout  # fmt: skip
     for cell in ("[inf, 1.0000, 2.0000]", "[nan, 0.0000, 1.0000]", "[-inf, 2.0000, 3.0000]"):
         assert cell in rich_out
