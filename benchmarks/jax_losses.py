@@ -91,7 +91,7 @@ def bench_loss(shape: tuple[int, ...], axis: int, rounds: int) -> list[dict[str,
     rows = []
     for mode in ["forward", "value_and_grad"]:
         for logits in ["argument", "inside"]:
-            calls = {}
+            calls: dict[str, Any] = {}
             for name, fn in _losses(axis).items():
                 args = (s, x, y) if logits == "inside" else (x, y)
                 f = _jitted(fn, mode, logits, args)
@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['mode']:15} {row['logits']:9} {row['shape']!s:22} {row['impl']:20} {row['best_ms']:9.2f} ms "
               f"x{row['vs_crossent']:.2f}")  # fmt: skip
     figures = summary(rows)
-    for shape, fig in figures.items():
-        print(f"{shape}: optax / crossent value_and_grad x{fig['optax_over_crossent_value_and_grad']:.2f} "
+    for size, fig in figures.items():
+        print(f"{size}: optax / crossent value_and_grad x{fig['optax_over_crossent_value_and_grad']:.2f} "
               f"(logits inside x{fig['optax_over_crossent_value_and_grad_inside']:.2f}); crossent - NumPy kernel "
               f"{fig['crossent_minus_numpy_kernel_ms']:.1f} ms, fresh-buffer floor "
               f"{fig['fresh_buffer_floor_ms']:.1f} ms")  # fmt: skip
