@@ -10,8 +10,9 @@ matmul's output would be; value_and_grad is then d/ds, the logits' gradient a te
 matmul's backward). All timed in turns in one process (crossent.bench.rounds_in_turns): crossent.jax
 with its default backend (the FFI kernel on the CPU where built) and with "jnp" forced, optax, a
 hand-written loss, crossent's NumPy kernel (argument rows), and the fresh-buffer floor: the first touch
-of a new gradient-sized buffer (anonymous mmap, one write per page), which is what an XLA program pays
-for each large buffer it mallocs unless the allocator reuses freed memory (docs/jax-ffi.md). The
+of a new gradient-sized buffer (anonymous mmap, one write per page, by as many threads as crossent's),
+which is what an XLA program pays for each large buffer it mallocs unless the allocator reuses freed
+memory (docs/jax-ffi.md). The
 linear loss's compiled temporary memory (memory_analysis, a deterministic figure) and time against the
 naive ``cross_entropy(hidden @ kernel)``. Writes JSON with the machine's metadata (and the MALLOC_*
 environment, which changes the figures) to benchmarks/results/jax-<time>.json, or to --out.
@@ -25,6 +26,7 @@ import os
 import pathlib
 import statistics
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -72,13 +74,16 @@ def _jitted(fn: Any, mode: str, logits: str, args: tuple[Any, ...]) -> Any:
         return f.lower(*args).compile()
 
 
-def first_touch(nbytes: int) -> None:
-    """Map ``nbytes`` of fresh anonymous memory and write one byte per page: the page faults a new
-    buffer of that size costs, which no kernel writing into it can avoid."""
+def first_touch(nbytes: int, pool: ThreadPoolExecutor, threads: int) -> None:
+    """Map ``nbytes`` of fresh anonymous memory and write one byte per page, in ``threads`` parts at
+    once (as the kernel's threads write a gradient): the page faults a new buffer of that size costs,
+    which no kernel writing into it can avoid."""
     with mmap.mmap(-1, nbytes) as m:
         pages = np.frombuffer(m, np.uint8)
-        pages[:: mmap.PAGESIZE] = 1
-        del pages  # the view must go before the map closes
+        part = -(-nbytes // threads)
+        parts = [pages[i * part : (i + 1) * part : mmap.PAGESIZE] for i in range(threads)]
+        list(pool.map(np.ndarray.fill, parts, [1] * threads))
+        del pages, parts  # the views must go before the map closes
 
 
 def bench_loss(shape: tuple[int, ...], axis: int, rounds: int) -> list[dict[str, Any]]:
@@ -88,6 +93,7 @@ def bench_loss(shape: tuple[int, ...], axis: int, rounds: int) -> list[dict[str,
     yn = rng.integers(0, shape[axis], batch).astype(np.int32)
     x, y = jnp.asarray(xn), jnp.asarray(yn)
     s = jnp.float32(1.0)
+    pool = ThreadPoolExecutor(crossent.get_num_threads())
     rows = []
     for mode in ["forward", "value_and_grad"]:
         for logits in ["argument", "inside"]:
@@ -100,7 +106,8 @@ def bench_loss(shape: tuple[int, ...], axis: int, rounds: int) -> list[dict[str,
                 calls["numpy kernel"] = lambda: crossent.cross_entropy(xn, yn, axis=axis)
             elif logits == "argument":
                 calls["numpy kernel"] = lambda: crossent.cross_entropy_and_grad(xn, yn, axis=axis)
-                calls["fresh-buffer floor"] = lambda: first_touch(xn.nbytes)
+                threads = crossent.get_num_threads()
+                calls["fresh-buffer floor"] = lambda threads=threads: first_touch(xn.nbytes, pool, threads)
             times = rounds_in_turns(calls, rounds)
             best = {name: min(t) for name, t in times.items()}
             for name, t in times.items():
