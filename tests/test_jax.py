@@ -527,3 +527,19 @@ def test_ffi_runs_under_vmap_and_the_gradient_may_take_the_logits_buffer(rng):
     np.testing.assert_array_equal(np.asarray(same), x)
     np.testing.assert_array_equal(np.asarray(xj), x)
     oracle.assert_close(grad, oracle.cross_entropy(x, ys[0]).grad, np.float32)
+
+
+@pytest.mark.skipif(not cj.ffi_available(), reason="crossent's XLA FFI target is not built in this installation")
+def test_ffi_gradient_needs_no_buffer_or_pass_beyond_the_kernels(rng):
+    x = jnp.asarray(rng.standard_normal((64, 1000)).astype(np.float32))
+    y = jnp.asarray(rng.integers(0, 1000, 64))
+    with cj.use_backend("ffi"):
+        # value_and_grad seeds an upstream gradient of exactly 1: XLA folds the multiply of the saved
+        # gradient by it, so the program is the custom call alone (plus the copy of the argument).
+        plain = jax.jit(jax.value_and_grad(cj.cross_entropy)).lower(x, y).compile()
+        # Logits made inside the program: the gradient takes their buffer, one logits-sized temporary
+        # in all (a fresh one for the gradient would make two).
+        inside = jax.jit(jax.value_and_grad(lambda s, x, y: cj.cross_entropy(x * s, y))).lower(1.0, x, y).compile()
+    hlo = plain.as_text()
+    assert "crossent_cross_entropy" in hlo and "multiply" not in hlo
+    assert inside.memory_analysis().temp_size_in_bytes < 1.5 * x.nbytes

@@ -169,8 +169,11 @@ def cross_entropy_fwd(
         results.append(jax.ShapeDtypeStruct((outer, classes, inner), dtype))
     # The gradient may take the logits' buffer (XLA aliases it: no fresh gradient-sized buffer, whose
     # first touch costs a page fault per 4 KiB; where the logits stay live, XLA copies them first).
-    # The kernel overwrites logits row by row only with the classes contiguous (inner == 1); it sees
-    # the same pointer for both and reads each row before writing it.
+    # Measured at 4096x32768 float32 (2-core VM, value_and_grad under jit, one process): logits made
+    # inside the program, as in a model, 1.0 s aliased against 1.5 s with a fresh gradient; logits
+    # passed as a (non-donated) argument, which XLA must copy, 0.80 s against 0.71 s. The model's case
+    # decides. The kernel overwrites logits row by row only with the classes contiguous (inner == 1);
+    # it sees the same pointer for both and reads each row before writing it.
     aliases = {0: 1} if want_grad and reuse_logits and inner == 1 else None
     call = _call(_CROSS_ENTROPY, results, aliases)
     out = call(

@@ -59,7 +59,8 @@ def _cross_entropy_jvp(shape: LossShape, opts: LossOptions, primals: Any, tangen
     x, target, weight, normalizer = primals
     dx = tangents[0]
     # The loss and d(loss)/d(x) come from one sweep; the tangent is linear in dx, so that reverse mode
-    # (JAX transposes it) multiplies the saved gradient by the upstream one and recomputes nothing.
+    # (JAX transposes it) multiplies the saved gradient by the upstream one and recomputes nothing;
+    # XLA removes that multiply for the literal 1 that grad and value_and_grad seed.
     loss, grad = _backend.loss_and_unit_grad(x, target, weight, normalizer, shape, opts, want_grad=not _is_zero(dx))
     cdt = compute_dtype(jnp, x.dtype)
     out = jnp.zeros(loss.shape, cdt)
