@@ -146,12 +146,71 @@ def test_2049_classes_across_block_edges(monkeypatch, blocks, probability):
     # 2049 = 4 * 512 + 1: with blocks of 512 the last block holds one class; in one block of 4096, 2047
     # lanes are padding.
     if blocks:
-        monkeypatch.setattr(_triton, "MAX_BLOCK", blocks[0])
+        monkeypatch.setattr(_triton, "MAX_KEPT_CLASSES_WITH_OPTIONS", blocks[0])
         monkeypatch.setattr(_triton, "LOOP_BLOCK", blocks[1])
     x, target = _problem((3, 2049), 1, probability=probability, seed=6)
     if not probability:
         target[0] = 2048  # the class alone in the last block
     _check(x, target, torch.float32, weighted=True, label_smoothing=0.1, z_loss=1e-3, softcap=6.0)
+
+
+def test_which_rows_are_read_once():
+    # The real limits (no launch): plain class-index rows are kept up to 32768 classes, rows with
+    # weights, smoothing, a cap or probability targets up to 8192; warps grow with the kept row.
+    assert _triton._block(32768, True) == (32768, True, 32)
+    assert _triton._block(32769, True) == (_triton.LOOP_BLOCK, False, _triton.LOOP_WARPS)
+    assert _triton._block(8192, False) == (8192, True, 16)
+    assert _triton._block(8193, False) == (_triton.LOOP_BLOCK, False, _triton.LOOP_WARPS)
+    assert _triton._block(5, True) == (16, True, 4)
+
+
+def _spy_blocks(monkeypatch):
+    """Record the ONE_BLOCK of every launch of the main kernel."""
+    seen = []
+    real = _triton._block
+
+    def spy(n_classes, plain):
+        result = real(n_classes, plain)
+        seen.append(result[1])
+        return result
+
+    monkeypatch.setattr(_triton, "_block", spy)
+    return seen
+
+
+# Rows on both sides of each limit, with the limits lowered (32 classes plain, 16 with options; blocks
+# of 8 beyond), in every dtype: the kept row (one read) and the two-pass row must both match the oracle.
+THRESHOLD_CASES = [
+    pytest.param(32, {}, False, True, id="plain-32-kept"),
+    pytest.param(33, {}, False, False, id="plain-33-two-pass"),
+    pytest.param(32, {"z_loss": 1e-2, "reduction": "none"}, False, True, id="z-32-kept"),
+    pytest.param(33, {"z_loss": 1e-2, "reduction": "none"}, False, False, id="z-33-two-pass"),
+    pytest.param(16, {"weighted": True, "label_smoothing": 0.1, "softcap": 3.0}, False, True, id="options-16-kept"),
+    pytest.param(17, {"weighted": True, "label_smoothing": 0.1, "softcap": 3.0}, False, False, id="options-17-2pass"),
+    pytest.param(16, {"label_smoothing": 0.1}, True, True, id="probabilities-16-kept"),
+    pytest.param(17, {"label_smoothing": 0.1}, True, False, id="probabilities-17-two-pass"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("n_classes", "options", "probability", "kept"), THRESHOLD_CASES)
+def test_rows_on_both_sides_of_the_one_read_limit(monkeypatch, dtype, n_classes, options, probability, kept):
+    monkeypatch.setattr(_triton, "MAX_KEPT_CLASSES", 32)
+    monkeypatch.setattr(_triton, "MAX_KEPT_CLASSES_WITH_OPTIONS", 16)
+    monkeypatch.setattr(_triton, "LOOP_BLOCK", 8)
+    seen = _spy_blocks(monkeypatch)
+    x, target = _problem((3, n_classes), 1, probability=probability, seed=13 + n_classes)
+    _check(x, target, dtype, **options)
+    assert seen == [kept]
+
+
+@pytest.mark.parametrize(("n_classes", "kept"), [(32768, True), (32769, False)])
+def test_rows_at_the_real_one_read_limit(monkeypatch, n_classes, kept):
+    seen = _spy_blocks(monkeypatch)
+    x, target = _problem((2, n_classes), 1, probability=False, seed=14, ignore=0.0)
+    target[1] = n_classes - 1  # the last class: alone in the last block of the two-pass row
+    _check(x, target, torch.bfloat16, z_loss=1e-3)
+    assert seen == [kept]
 
 
 @pytest.mark.parametrize("zero_if_all_ignored", [False, True])
@@ -169,7 +228,8 @@ def test_all_ignored_batch(reduction, zero_if_all_ignored):
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-2}], ids=["defaults", "smoothing,z"])
 def test_rows_with_infinite_logits(monkeypatch, blocks, options):
     if blocks:
-        monkeypatch.setattr(_triton, "MAX_BLOCK", blocks[0])
+        for limit in ("MAX_KEPT_CLASSES", "MAX_KEPT_CLASSES_WITH_OPTIONS"):
+            monkeypatch.setattr(_triton, limit, blocks[0])
         monkeypatch.setattr(_triton, "LOOP_BLOCK", blocks[1])
     x = torch.randn(5, 7, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     x[0, :3] = -torch.inf  # some -inf (a whole first block of 2 among them), the target finite
@@ -350,6 +410,11 @@ variants = [
     # Triton passes integer arguments equal to 1 as constants: a row of one class, classes last.
     (kernels.cross_entropy_kernel, main,
      dict(PROB=False, WRITE_GRAD=False, ONE_BLOCK=True, BLOCK=16, n_classes=1, inner=1, upstream_stride=1, **none), 4),
+    # The largest kept rows: plain class indices (32768 classes, 32 warps), probabilities kept with the row.
+    (kernels.cross_entropy_kernel, main,
+     dict(PROB=False, WRITE_GRAD=True, ONE_BLOCK=True, BLOCK=32768, **{**none, "ZLOSS": True}), 32),
+    (kernels.cross_entropy_kernel, {**main, "target_ptr": "*fp16", "x_ptr": "*fp16", "grad_ptr": "*fp16"},
+     dict(PROB=True, WRITE_GRAD=True, ONE_BLOCK=True, BLOCK=8192, **every), 16),
     (kernels.slice_gradient_kernel, sliced,
      dict(PROB=False, HAS_WEIGHT=True, SMOOTH=True, SOFTCAP=True, BLOCK=4096), 8),
 ]
@@ -376,4 +441,4 @@ def test_kernels_compile_for_a_gpu():
     run = subprocess.run(
         [sys.executable, "-c", _COMPILE_FOR_A_GPU], env=env, capture_output=True, text=True, timeout=600
     )
-    assert run.returncode == 0 and "compiled 4" in run.stdout, run.stderr[-3000:]
+    assert run.returncode == 0 and "compiled 6" in run.stdout, run.stderr[-3000:]
