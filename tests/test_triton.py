@@ -442,3 +442,63 @@ def test_kernels_compile_for_a_gpu():
         [sys.executable, "-c", _COMPILE_FOR_A_GPU], env=env, capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0 and "compiled 6" in run.stdout, run.stderr[-3000:]
+
+
+def _check_nll(x64, target, dtype, *, axis=None, weighted=False, reduction="mean", **kw):
+    """crossent.torch.nll_loss under the Triton backend in ``dtype`` against torch's nll_loss in float64
+    on the same (rounded) log-probabilities: loss and d(loss)/d(input) for a random upstream gradient."""
+    x = x64.to(dtype)
+    class_axis = (0 if x.ndim == 1 else 1) if axis is None else axis % x.ndim
+    w = None
+    if weighted:
+        w = (torch.rand(x.shape[class_axis], generator=torch.Generator().manual_seed(3)) + 0.1).to(dtype)
+    xr = x.clone().requires_grad_(True)
+    loss = ct.nll_loss(xr, target, w, axis=axis, reduction=reduction, **kw)
+    upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    loss.backward(upstream.to(dtype))
+    ref = x.double().movedim(class_axis, 1).contiguous() if x.ndim > 1 else x.double()
+    ref = ref.requires_grad_(True)
+    expected = F.nll_loss(ref, target, None if w is None else w.double(), reduction=reduction)
+    if kw.get("normalizer") is not None:
+        expected = F.nll_loss(ref, target, None if w is None else w.double(), reduction="sum") / kw["normalizer"]
+    expected.backward(upstream)
+    assert loss.dtype == dtype
+    oracle.assert_close(loss.detach().double().numpy(), expected.detach().numpy(), dtype, what="loss")
+    grad = ref.grad.movedim(1, class_axis) if x.ndim > 1 else ref.grad
+    oracle.assert_close(xr.grad.double().numpy(), grad.numpy(), dtype, what="grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"reduction": "sum"}, {"reduction": "none"}, {"weighted": True}, {"weighted": True, "normalizer": 4.0}],
+    ids=["mean", "sum", "none", "weighted", "weighted,normalizer"],
+)
+def test_nll_loss(dtype, options):
+    # 600 rows: the gather kernel's 256 rows a program, the last program partly empty.
+    x, target = _problem((600, 9), 1, probability=False, seed=15)
+    _check_nll(torch.log_softmax(x, 1), target, dtype, **options)
+
+
+@pytest.mark.parametrize("axis", [None, -1])
+def test_nll_loss_layouts(axis):
+    x, target = _problem((2, 3, 4, 5), 1 if axis is None else 3, probability=False, seed=16)
+    _check_nll(torch.log_softmax(x, 1 if axis is None else 3), target, torch.float32, axis=axis, weighted=True)
+
+
+def test_nll_loss_runs_the_triton_kernel(monkeypatch):
+    calls = []
+    real = _triton.nll_loss
+    monkeypatch.setattr(_triton, "nll_loss", lambda *a: calls.append(1) or real(*a))
+    ct.nll_loss(torch.randn(3, 4).log_softmax(1), torch.tensor([0, 1, 2]))
+    assert calls == [1]
+    with pytest.raises(TypeError, match="float64"):
+        ct.nll_loss(torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2]))
+
+
+def test_nll_loss_out_of_range_class_gives_nan_in_the_kernel():
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(17)).log_softmax(1)
+    shape = _triton.LossShape(class_axis=1, n_classes=5, batch_shape=(3,), probability_target=False)
+    opts = ct._functional.loss_options(reduction="none", ignore_index=-100)
+    per_row = _triton.nll_loss(x, torch.tensor([1, 7, -100]), None, shape, opts)
+    assert torch.isnan(per_row[1]) and per_row[2] == 0 and per_row[0] == -x[0, 1]

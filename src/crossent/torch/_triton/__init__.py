@@ -184,6 +184,34 @@ def loss_and_grad(
     return reduce_losses(per_element, denom, opts).to(input.dtype), grad
 
 
+NLL_ROWS = 256  # rows per program of the NLL gather
+
+
+def nll_loss(
+    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, shape: LossShape, opts: LossOptions
+) -> torch.Tensor:
+    """crossent.torch._nll's contract: the reduced NLL loss in the input's dtype (-w_y input[y] per
+    element; the mean over the summed weights of the counted targets), computed in float32. The batch
+    reduction is the cross-entropy's (torch.sum over the per-row losses: a fixed order)."""
+    check_device(input)
+    x = input.contiguous()
+    rows = math.prod(shape.batch_shape)
+    per_row = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows:
+        inner = math.prod(x.shape[shape.class_axis + 1 :])
+        w = None if weight is None else weight.contiguous()
+        with _launch_scope(x):
+            kernels.nll_kernel[(triton.cdiv(rows, NLL_ROWS),)](
+                x, target.contiguous(), w if w is not None else x, per_row, rows, shape.n_classes, inner,
+                opts.ignore_index, HAS_WEIGHT=w is not None, BLOCK=NLL_ROWS,
+            )  # fmt: skip
+    per_element = per_row.reshape(shape.batch_shape)
+    if opts.reduction == "none":
+        return per_element.to(input.dtype)
+    denom, _scale = mean_denominator_and_scale(target, weight, opts, rows=rows)
+    return reduce_losses(per_element, denom, opts).to(input.dtype)
+
+
 def slice_gradient(
     local: torch.Tensor,
     target: torch.Tensor,

@@ -300,3 +300,36 @@ def slice_gradient_kernel(
         # where, not the 0 in g: a row that does not count may hold NaN and must still get exactly 0.
         d = tl.where(valid, d, 0.0)
         tl.store(grad_ptr + offsets, d.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def nll_kernel(
+    x_ptr,  # (outer, C, inner) log-probabilities, float32/bfloat16/float16
+    target_ptr,  # (rows,) int class indices
+    weight_ptr,  # (C,) class weights (HAS_WEIGHT)
+    loss_ptr,  # (rows,) float32 per-row losses (out)
+    n_rows,
+    n_classes,
+    inner,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,  # rows per program
+):
+    """-w_y x_y per row (0 where ignored): a gather, BLOCK rows a program. An out-of-range class
+    (unchecked on a GPU) gives NaN, as in cross_entropy_kernel."""
+    row = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = row < n_rows
+    outer = row // inner
+    base = outer * n_classes * inner + (row - outer * inner)  # int64 offsets
+    y = tl.load(target_ptr + row, mask=live, other=0).to(tl.int64)
+    valid = y != ignore_index
+    in_range = (y >= 0) & (y < n_classes)
+    y_safe = tl.where(valid & in_range, y, 0)
+    x_y = tl.load(x_ptr + base + y_safe * inner, mask=live, other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + y_safe, mask=live, other=0.0).to(tl.float32)
+    else:
+        w_y = tl.full((BLOCK,), 1.0, tl.float32)
+    coef = tl.where(in_range, w_y, float("nan"))
+    loss = tl.where(valid, -(coef * x_y), 0.0)
+    tl.store(loss_ptr + row, loss, mask=live)
