@@ -417,6 +417,9 @@ variants = [
      dict(PROB=True, WRITE_GRAD=True, ONE_BLOCK=True, BLOCK=8192, **every), 16),
     (kernels.slice_gradient_kernel, sliced,
      dict(PROB=False, HAS_WEIGHT=True, SMOOTH=True, SOFTCAP=True, BLOCK=4096), 8),
+    (kernels.nll_kernel, {"x_ptr": "*bf16", "target_ptr": "*i64", "weight_ptr": "*bf16", "loss_ptr": "*fp32",
+                          "n_rows": "i32", "n_classes": "i32", "inner": "i32", "ignore_index": "i32"},
+     dict(HAS_WEIGHT=True, BLOCK=256), 4),
 ]
 for fn, signature, constants, warps in variants:
     signature = {**signature, **{name: "constexpr" for name in constants}}
@@ -441,7 +444,7 @@ def test_kernels_compile_for_a_gpu():
     run = subprocess.run(
         [sys.executable, "-c", _COMPILE_FOR_A_GPU], env=env, capture_output=True, text=True, timeout=600
     )
-    assert run.returncode == 0 and "compiled 6" in run.stdout, run.stderr[-3000:]
+    assert run.returncode == 0 and "compiled 7" in run.stdout, run.stderr[-3000:]
 
 
 def _check_nll(x64, target, dtype, *, axis=None, weighted=False, reduction="mean", **kw):
