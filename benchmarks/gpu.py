@@ -281,7 +281,7 @@ def bench_linear(shape, device, repeats, peak_flops) -> list[Row]:
 
 def _format(row: Row) -> str:
     head = f"{row.bench:<7} {row.impl:<18} {row.shape:<24} {row.dtype:<9} {row.mode:<17}"
-    if row.skipped:
+    if row.skipped or row.seconds is None:
         return f"{head} skipped: {row.skipped}"
     text = f"{head} {row.seconds * 1e3:10.3f} ms"
     if row.gb_per_s is not None:
