@@ -43,7 +43,7 @@ from crossent.bench import write_report
 
 # The shapes; --tiny replaces them with shapes the interpreter runs in seconds.
 LOGITS_SHAPES = [(8192, 32768), (8192, 131072), (16384, 262144)]
-TINY_LOGITS_SHAPES = [(8, 1000), (4, 4099)]
+TINY_LOGITS_SHAPES = [(8, 1000), (2, 40000)]  # a row kept in registers, a row read twice
 LINEAR_SHAPE = (8192, 4096, 128256)  # N, D, V
 TINY_LINEAR_SHAPE = (16, 32, 500)
 
@@ -281,7 +281,7 @@ def bench_linear(shape, device, repeats, peak_flops) -> list[Row]:
 
 def _format(row: Row) -> str:
     head = f"{row.bench:<7} {row.impl:<18} {row.shape:<24} {row.dtype:<9} {row.mode:<17}"
-    if row.skipped:
+    if row.skipped or row.seconds is None:
         return f"{head} skipped: {row.skipped}"
     text = f"{head} {row.seconds * 1e3:10.3f} ms"
     if row.gb_per_s is not None:
@@ -304,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="CPU tensors under Triton's interpreter, tiny shapes")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 20; --tiny 2)")
     parser.add_argument("--skip-linear", action="store_true")
+    parser.add_argument(
+        "--max-kept-classes", type=int, default=None,
+        help="A/B of the one-read limit for plain rows (crossent.torch._triton.MAX_KEPT_CLASSES, default 32768): "
+        "rows of more classes are read twice",
+    )  # fmt: skip
     parser.add_argument("--out", type=pathlib.Path, help="JSON file to write")
     args = parser.parse_args(argv)
 
@@ -314,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         parser.error("no GPU visible to torch; use --tiny to run on CPU tensors under Triton's interpreter")
     repeats = args.repeats or (2 if args.tiny else 20)
+    from crossent.torch import _triton
+
+    if args.max_kept_classes is not None:
+        _triton.MAX_KEPT_CLASSES = args.max_kept_classes
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
     peak_bw = (_lookup(PEAK_BANDWIDTH, gpu) if gpu else None) or measured_copy_bandwidth(device)
     peak_flops = _lookup(PEAK_BF16_FLOPS, gpu) if gpu else None
@@ -338,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_bandwidth_bytes_per_s": peak_bw,
         "peak_bf16_flops": peak_flops,
         "repeats": repeats,
+        "max_kept_classes": _triton.MAX_KEPT_CLASSES,
         "rows": [dataclasses.asdict(r) for r in rows],
     }
     write_report(payload, args.out, "gpu-tiny" if args.tiny else "gpu", pathlib.Path(__file__).parent / "results")

@@ -296,3 +296,21 @@ def test_special_values_are_standard_json_and_shown_in_the_rich_table():
     ).stdout  # fmt: skip
     for cell in ("[inf, 1.0000, 2.0000]", "[nan, 0.0000, 1.0000]", "[-inf, 2.0000, 3.0000]"):
         assert cell in rich_out
+
+
+def test_info_names_the_gpu_and_triton(monkeypatch):
+    # No GPU here: torch's answers are replaced, to check what info says when one is there, and none.
+    torch = pytest.importorskip("torch")
+    from crossent import cli
+
+    versions = {"torch": "2", "triton": "3.9.0"}
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli._gpu_info(versions).startswith("none visible to torch; on CUDA/ROCm crossent.torch runs Triton 3.9.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H200")
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert cli._gpu_info(versions) == "NVIDIA H200 (CUDA 12.8); crossent.torch runs Triton 3.9.0 kernels"
+    assert "torch ops (triton is not installed)" in cli._gpu_info({"torch": "2", "triton": None})

@@ -146,12 +146,71 @@ def test_2049_classes_across_block_edges(monkeypatch, blocks, probability):
     # 2049 = 4 * 512 + 1: with blocks of 512 the last block holds one class; in one block of 4096, 2047
     # lanes are padding.
     if blocks:
-        monkeypatch.setattr(_triton, "MAX_BLOCK", blocks[0])
+        monkeypatch.setattr(_triton, "MAX_KEPT_CLASSES_WITH_OPTIONS", blocks[0])
         monkeypatch.setattr(_triton, "LOOP_BLOCK", blocks[1])
     x, target = _problem((3, 2049), 1, probability=probability, seed=6)
     if not probability:
         target[0] = 2048  # the class alone in the last block
     _check(x, target, torch.float32, weighted=True, label_smoothing=0.1, z_loss=1e-3, softcap=6.0)
+
+
+def test_which_rows_are_read_once():
+    # The real limits (no launch): plain class-index rows are kept up to 32768 classes, rows with
+    # weights, smoothing, a cap or probability targets up to 8192; warps grow with the kept row.
+    assert _triton._block(32768, True) == (32768, True, 32)
+    assert _triton._block(32769, True) == (_triton.LOOP_BLOCK, False, _triton.LOOP_WARPS)
+    assert _triton._block(8192, False) == (8192, True, 16)
+    assert _triton._block(8193, False) == (_triton.LOOP_BLOCK, False, _triton.LOOP_WARPS)
+    assert _triton._block(5, True) == (16, True, 4)
+
+
+def _spy_blocks(monkeypatch):
+    """Record the ONE_BLOCK of every launch of the main kernel."""
+    seen = []
+    real = _triton._block
+
+    def spy(n_classes, plain):
+        result = real(n_classes, plain)
+        seen.append(result[1])
+        return result
+
+    monkeypatch.setattr(_triton, "_block", spy)
+    return seen
+
+
+# Rows on both sides of each limit, with the limits lowered (32 classes plain, 16 with options; blocks
+# of 8 beyond), in every dtype: the kept row (one read) and the two-pass row must both match the oracle.
+THRESHOLD_CASES = [
+    pytest.param(32, {}, False, True, id="plain-32-kept"),
+    pytest.param(33, {}, False, False, id="plain-33-two-pass"),
+    pytest.param(32, {"z_loss": 1e-2, "reduction": "none"}, False, True, id="z-32-kept"),
+    pytest.param(33, {"z_loss": 1e-2, "reduction": "none"}, False, False, id="z-33-two-pass"),
+    pytest.param(16, {"weighted": True, "label_smoothing": 0.1, "softcap": 3.0}, False, True, id="options-16-kept"),
+    pytest.param(17, {"weighted": True, "label_smoothing": 0.1, "softcap": 3.0}, False, False, id="options-17-2pass"),
+    pytest.param(16, {"label_smoothing": 0.1}, True, True, id="probabilities-16-kept"),
+    pytest.param(17, {"label_smoothing": 0.1}, True, False, id="probabilities-17-two-pass"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("n_classes", "options", "probability", "kept"), THRESHOLD_CASES)
+def test_rows_on_both_sides_of_the_one_read_limit(monkeypatch, dtype, n_classes, options, probability, kept):
+    monkeypatch.setattr(_triton, "MAX_KEPT_CLASSES", 32)
+    monkeypatch.setattr(_triton, "MAX_KEPT_CLASSES_WITH_OPTIONS", 16)
+    monkeypatch.setattr(_triton, "LOOP_BLOCK", 8)
+    seen = _spy_blocks(monkeypatch)
+    x, target = _problem((3, n_classes), 1, probability=probability, seed=13 + n_classes)
+    _check(x, target, dtype, **options)
+    assert seen == [kept]
+
+
+@pytest.mark.parametrize(("n_classes", "kept"), [(32768, True), (32769, False)])
+def test_rows_at_the_real_one_read_limit(monkeypatch, n_classes, kept):
+    seen = _spy_blocks(monkeypatch)
+    x, target = _problem((2, n_classes), 1, probability=False, seed=14, ignore=0.0)
+    target[1] = n_classes - 1  # the last class: alone in the last block of the two-pass row
+    _check(x, target, torch.bfloat16, z_loss=1e-3)
+    assert seen == [kept]
 
 
 @pytest.mark.parametrize("zero_if_all_ignored", [False, True])
@@ -169,7 +228,8 @@ def test_all_ignored_batch(reduction, zero_if_all_ignored):
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-2}], ids=["defaults", "smoothing,z"])
 def test_rows_with_infinite_logits(monkeypatch, blocks, options):
     if blocks:
-        monkeypatch.setattr(_triton, "MAX_BLOCK", blocks[0])
+        for limit in ("MAX_KEPT_CLASSES", "MAX_KEPT_CLASSES_WITH_OPTIONS"):
+            monkeypatch.setattr(_triton, limit, blocks[0])
         monkeypatch.setattr(_triton, "LOOP_BLOCK", blocks[1])
     x = torch.randn(5, 7, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     x[0, :3] = -torch.inf  # some -inf (a whole first block of 2 among them), the target finite
@@ -350,8 +410,16 @@ variants = [
     # Triton passes integer arguments equal to 1 as constants: a row of one class, classes last.
     (kernels.cross_entropy_kernel, main,
      dict(PROB=False, WRITE_GRAD=False, ONE_BLOCK=True, BLOCK=16, n_classes=1, inner=1, upstream_stride=1, **none), 4),
+    # The largest kept rows: plain class indices (32768 classes, 32 warps), probabilities kept with the row.
+    (kernels.cross_entropy_kernel, main,
+     dict(PROB=False, WRITE_GRAD=True, ONE_BLOCK=True, BLOCK=32768, **{**none, "ZLOSS": True}), 32),
+    (kernels.cross_entropy_kernel, {**main, "target_ptr": "*fp16", "x_ptr": "*fp16", "grad_ptr": "*fp16"},
+     dict(PROB=True, WRITE_GRAD=True, ONE_BLOCK=True, BLOCK=8192, **every), 16),
     (kernels.slice_gradient_kernel, sliced,
      dict(PROB=False, HAS_WEIGHT=True, SMOOTH=True, SOFTCAP=True, BLOCK=4096), 8),
+    (kernels.nll_kernel, {"x_ptr": "*bf16", "target_ptr": "*i64", "weight_ptr": "*bf16", "loss_ptr": "*fp32",
+                          "n_rows": "i32", "n_classes": "i32", "inner": "i32", "ignore_index": "i32"},
+     dict(HAS_WEIGHT=True, BLOCK=256), 4),
 ]
 for fn, signature, constants, warps in variants:
     signature = {**signature, **{name: "constexpr" for name in constants}}
@@ -376,4 +444,64 @@ def test_kernels_compile_for_a_gpu():
     run = subprocess.run(
         [sys.executable, "-c", _COMPILE_FOR_A_GPU], env=env, capture_output=True, text=True, timeout=600
     )
-    assert run.returncode == 0 and "compiled 4" in run.stdout, run.stderr[-3000:]
+    assert run.returncode == 0 and "compiled 7" in run.stdout, run.stderr[-3000:]
+
+
+def _check_nll(x64, target, dtype, *, axis=None, weighted=False, reduction="mean", **kw):
+    """crossent.torch.nll_loss under the Triton backend in ``dtype`` against torch's nll_loss in float64
+    on the same (rounded) log-probabilities: loss and d(loss)/d(input) for a random upstream gradient."""
+    x = x64.to(dtype)
+    class_axis = (0 if x.ndim == 1 else 1) if axis is None else axis % x.ndim
+    w = None
+    if weighted:
+        w = (torch.rand(x.shape[class_axis], generator=torch.Generator().manual_seed(3)) + 0.1).to(dtype)
+    xr = x.clone().requires_grad_(True)
+    loss = ct.nll_loss(xr, target, w, axis=axis, reduction=reduction, **kw)
+    upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    loss.backward(upstream.to(dtype))
+    ref = x.double().movedim(class_axis, 1).contiguous() if x.ndim > 1 else x.double()
+    ref = ref.requires_grad_(True)
+    expected = F.nll_loss(ref, target, None if w is None else w.double(), reduction=reduction)
+    if kw.get("normalizer") is not None:
+        expected = F.nll_loss(ref, target, None if w is None else w.double(), reduction="sum") / kw["normalizer"]
+    expected.backward(upstream)
+    assert loss.dtype == dtype
+    oracle.assert_close(loss.detach().double().numpy(), expected.detach().numpy(), dtype, what="loss")
+    grad = ref.grad.movedim(1, class_axis) if x.ndim > 1 else ref.grad
+    oracle.assert_close(xr.grad.double().numpy(), grad.numpy(), dtype, what="grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"reduction": "sum"}, {"reduction": "none"}, {"weighted": True}, {"weighted": True, "normalizer": 4.0}],
+    ids=["mean", "sum", "none", "weighted", "weighted,normalizer"],
+)
+def test_nll_loss(dtype, options):
+    # 600 rows: the gather kernel's 256 rows a program, the last program partly empty.
+    x, target = _problem((600, 9), 1, probability=False, seed=15)
+    _check_nll(torch.log_softmax(x, 1), target, dtype, **options)
+
+
+@pytest.mark.parametrize("axis", [None, -1])
+def test_nll_loss_layouts(axis):
+    x, target = _problem((2, 3, 4, 5), 1 if axis is None else 3, probability=False, seed=16)
+    _check_nll(torch.log_softmax(x, 1 if axis is None else 3), target, torch.float32, axis=axis, weighted=True)
+
+
+def test_nll_loss_runs_the_triton_kernel(monkeypatch):
+    calls = []
+    real = _triton.nll_loss
+    monkeypatch.setattr(_triton, "nll_loss", lambda *a: calls.append(1) or real(*a))
+    ct.nll_loss(torch.randn(3, 4).log_softmax(1), torch.tensor([0, 1, 2]))
+    assert calls == [1]
+    with pytest.raises(TypeError, match="float64"):
+        ct.nll_loss(torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2]))
+
+
+def test_nll_loss_out_of_range_class_gives_nan_in_the_kernel():
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(17)).log_softmax(1)
+    shape = _triton.LossShape(class_axis=1, n_classes=5, batch_shape=(3,), probability_target=False)
+    opts = ct._functional.loss_options(reduction="none", ignore_index=-100)
+    per_row = _triton.nll_loss(x, torch.tensor([1, 7, -100]), None, shape, opts)
+    assert torch.isnan(per_row[1]) and per_row[2] == 0 and per_row[0] == -x[0, 1]

@@ -9,8 +9,9 @@ from typing import Any
 import array_api_compat.torch as xp_torch
 import torch
 
-from .. import _reference, _validate
-from ._ops import InplaceBackward, checked_class_indices, cross_entropy_op, loss_options
+from .. import _validate
+from ._nll import nll_loss_op
+from ._ops import InplaceBackward, cross_entropy_op, loss_options
 
 
 def _legacy_reduction(size_average: Any, reduce: Any, reduction: str) -> str:
@@ -127,8 +128,13 @@ def nll_loss(
 ) -> torch.Tensor:
     """``torch.nn.functional.nll_loss`` with crossent's validation and extras (input: log-probabilities).
 
-    NLL is a pick and a weighted sum: it runs crossent's reference as torch operations (autograd
-    included) on every device. Gradients flow to ``input`` and to a ``weight`` that requires one.
+    NLL is a gather and a weighted sum. It follows :func:`crossent.torch.use_backend` as
+    :func:`cross_entropy` does: the native kernel on CPU tensors, crossent's Triton gather kernel on
+    CUDA/ROCm tensors (float32, bfloat16, float16), torch operations otherwise; float16 and bfloat16 are
+    computed in float32. A backend chosen by name that cannot run the call raises. The op is
+    registered with ``torch.library`` (``torch.compile(fullgraph=True)`` traces it). Gradients flow to
+    ``input`` (-w_y times the upstream gradient at the target's class) and to a ``weight`` that
+    requires one.
 
     Raises
     ------
@@ -136,14 +142,29 @@ def nll_loss(
         A target outside [0, C) that is not ``ignore_index``, on CPU tensors, eager or under
         ``torch.compile``. On an accelerator the target is not read (that would synchronise the host):
         such a row's loss is NaN, and so are the mean and the gradients.
+
+    Examples
+    --------
+    >>> import torch, crossent.torch as ct
+    >>> logp = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0]]), 1).requires_grad_(True)
+    >>> loss = ct.nll_loss(logp, torch.tensor([0]))
+    >>> loss.backward()
+    >>> print(f"{loss.item():.4f}", logp.grad.tolist())
+    0.1698 [[-1.0, 0.0, 0.0]]
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
     opts = loss_options(
         reduction=reduction, ignore_index=ignore_index, normalizer=normalizer, zero_if_all_ignored=zero_if_all_ignored
     )
+    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError(
+            f"input and target must be torch tensors, got {type(input).__name__} and {type(target).__name__}"
+        )
     shape = _validate.loss_shape(xp_torch, input, target, axis, allow_probabilities=False)
     if weight is not None:
         _validate.check_weight(xp_torch, weight, shape.n_classes)
-    target = checked_class_indices(target, shape.n_classes, opts.ignore_index)
-    # The reference is written with differentiable Array-API operations: autograd flows through it.
-    return _reference.nll_loss(xp_torch, input, target, weight, shape, opts)
+    norm = opts.normalizer
+    if norm is not None and not isinstance(norm, torch.Tensor):
+        norm = torch.tensor(float(norm), dtype=torch.float64, device=input.device)
+    return nll_loss_op(input, target, weight, norm, shape.class_axis, opts.ignore_index, opts.reduction,
+                       opts.zero_if_all_ignored)  # fmt: skip

@@ -57,31 +57,43 @@ def _launch_scope(x: torch.Tensor) -> Iterator[None]:
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Classes per block, and warps per program. A program holds a block of float32 values per live array
-# (logits, tanh for the soft cap, weights, probabilities, the gradient being formed) spread over its
-# threads; 16 values a thread per array (BLOCK = 512 * num_warps) keeps every variant within the
-# registers a thread may hold (65536 per SM / threads of the program, at most 255) with almost no
-# spilling. Measured by compiling for sm_90 without a GPU (triton.compile + cuobjdump -res-usage), bf16
-# logits, all options on (weights, smoothing, z-loss, cap) / none:
-#   rows kept in registers (ONE_BLOCK): 4096 classes, 8 warps: 144-202 / 61-119 registers, no spill;
-#     8192 classes, 16 warps: 105-128 / 58-102 registers, 128 bytes spilled for class indices with
-#     every option (the 128-register cap of 512 threads); 16384 classes, 16 warps (32 values a
-#     thread): up to 768 bytes spilled, so rows of more than 8192 classes are not kept;
-#   longer rows (read twice) in blocks of 4096, 8 warps: 150-170 / 98-128 registers, no spill (4 warps:
-#     up to 254 registers, and fewer warps to hide memory latency).
-MAX_BLOCK = 8192
+# Which rows are read once. A row whose block (its classes padded to a power of two) is at most
+# MAX_KEPT_CLASSES is loaded once and kept in registers, as loaded, for both the statistics and the
+# gradient; the program's warps grow with it (16 values a thread up to 32 warps, as quack's kernel
+# does). Longer rows are read in blocks of LOOP_BLOCK twice, once for the statistics and once for the
+# loss terms and the gradient: holding them would spill registers to local memory, and the second read
+# of a row just read mostly hits the L2 cache (50 MB on an H100/H200, a few MB of rows in flight). That
+# is the design reasoning: no GPU has measured it yet.
+#
+# The limits are register counts measured by compiling for sm_90 without a GPU (triton.compile +
+# cuobjdump -res-usage; stack bytes are spills), with the gradient:
+#   class indices, no weights/smoothing/cap (z-loss allowed): 32768 classes at 32 warps (1024 threads,
+#     64 registers each): float32 64 registers, 0 (z-loss: 64) stack bytes; bfloat16 56 (144). 16-bit
+#     logits take no fewer registers (they are widened as loaded): 65536 bfloat16 classes spill 424
+#     bytes even without options, so the limit is in classes, not bytes;
+#   weights, smoothing, soft cap or probability targets: 8192 classes at 16 warps: 128 registers, up to
+#     64 stack bytes; their extra per-class terms at 32 warps (the 64-register cap) spill 290-2000 bytes,
+#     and 16384 classes at 16 warps 450-470;
+#   longer rows in blocks of 4096 at 8 warps: float32 109 / 171 registers (none / every option), no spill.
+MAX_KEPT_CLASSES = 32768
+MAX_KEPT_CLASSES_WITH_OPTIONS = 8192
 LOOP_BLOCK = 4096
+LOOP_WARPS = 8
+MAX_WARPS = 32
 _VALUES_PER_THREAD = 16
 
 
-def _block(n_classes: int) -> tuple[int, bool, int]:
-    """(BLOCK, ONE_BLOCK, num_warps) for a row of n_classes."""
-    if n_classes <= MAX_BLOCK:
-        block, one = max(16, triton.next_power_of_2(n_classes)), True
-    else:
-        block, one = LOOP_BLOCK, False
-    warps = min(16, max(4, block // (32 * _VALUES_PER_THREAD)))
-    return block, one, warps
+def _block(n_classes: int, plain: bool) -> tuple[int, bool, int]:
+    """(BLOCK, ONE_BLOCK, num_warps) for a row of ``n_classes``; ``plain``: class-index targets without
+    weights, smoothing or soft cap."""
+    block = max(16, triton.next_power_of_2(n_classes))
+    if block <= (MAX_KEPT_CLASSES if plain else MAX_KEPT_CLASSES_WITH_OPTIONS):
+        return block, True, _warps(block)
+    return LOOP_BLOCK, False, LOOP_WARPS
+
+
+def _warps(block: int) -> int:
+    return min(MAX_WARPS, max(4, block // (32 * _VALUES_PER_THREAD)))
 
 
 def check_device(t: torch.Tensor) -> None:
@@ -132,7 +144,8 @@ def rows_loss_and_grad(
 
 
 def _launch(x, target, w, w_sum, upstream, per_row, grad, n_classes, inner, opts, probability, smooth) -> None:
-    block, one, warps = _block(n_classes)
+    plain = not (probability or smooth or w is not None or opts.softcap is not None)
+    block, one, warps = _block(n_classes, plain)
     rows = per_row.numel()
     kernels.cross_entropy_kernel[(rows,)](
         x, target.contiguous(), w if w is not None else x, w_sum if w_sum is not None else per_row,
@@ -171,6 +184,34 @@ def loss_and_grad(
     return reduce_losses(per_element, denom, opts).to(input.dtype), grad
 
 
+NLL_ROWS = 256  # rows per program of the NLL gather
+
+
+def nll_loss(
+    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, shape: LossShape, opts: LossOptions
+) -> torch.Tensor:
+    """crossent.torch._nll's contract: the reduced NLL loss in the input's dtype (-w_y input[y] per
+    element; the mean over the summed weights of the counted targets), computed in float32. The batch
+    reduction is the cross-entropy's (torch.sum over the per-row losses: a fixed order)."""
+    check_device(input)
+    x = input.contiguous()
+    rows = math.prod(shape.batch_shape)
+    per_row = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows:
+        inner = math.prod(x.shape[shape.class_axis + 1 :])
+        w = None if weight is None else weight.contiguous()
+        with _launch_scope(x):
+            kernels.nll_kernel[(triton.cdiv(rows, NLL_ROWS),)](
+                x, target.contiguous(), w if w is not None else x, per_row, rows, shape.n_classes, inner,
+                opts.ignore_index, HAS_WEIGHT=w is not None, BLOCK=NLL_ROWS,
+            )  # fmt: skip
+    per_element = per_row.reshape(shape.batch_shape)
+    if opts.reduction == "none":
+        return per_element.to(input.dtype)
+    denom, _scale = mean_denominator_and_scale(target, weight, opts, rows=rows)
+    return reduce_losses(per_element, denom, opts).to(input.dtype)
+
+
 def slice_gradient(
     local: torch.Tensor,
     target: torch.Tensor,
@@ -194,7 +235,7 @@ def slice_gradient(
     f32 = [t.to(torch.float32).contiguous() for t in (terms.lse, terms.A, terms.B, terms.fix, upstream)]
     probability = target.is_floating_point()
     block = min(LOOP_BLOCK, max(16, triton.next_power_of_2(n_classes)))
-    warps = min(16, max(4, block // (32 * _VALUES_PER_THREAD)))
+    warps = min(LOOP_WARPS, _warps(block))
     with _launch_scope(x):
         kernels.slice_gradient_kernel[(rows,)](
             x, target.contiguous(), weight.contiguous() if weight is not None else x, *f32,

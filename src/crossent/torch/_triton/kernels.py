@@ -11,8 +11,9 @@ and sum_c exp(x_c - m), rescaled by exp(m_old - m_new) when m grows: Milakov & G
 normalizer calculation for softmax", 2018) and, for probability targets, sum_c w_c t'_c. Pass 2, when
 it is needed (the gradient, label smoothing, probability targets), computes log p and p from the final
 statistics and writes the gradient where it read the logits. A row of at most BLOCK classes (ONE_BLOCK)
-is loaded once and kept in registers for both passes; a longer row is read twice (the second read of a
-row just read mostly hits the L2 cache on a GPU).
+is loaded once and kept in registers for both passes, so that forward and backward read it once and
+write the gradient once; a longer row is read twice (the second read of a row just read mostly hits
+the L2 cache on a GPU). Which rows are kept, and why, is in crossent.torch._triton (_block).
 
 Non-finite logits follow torch's log_softmax: it subtracts the row maximum whatever it is, so a row
 holding +inf or NaN, or all -inf, gives NaN (inf - inf); a -inf logit among finite ones has p = 0 and
@@ -49,9 +50,9 @@ def _tanh(u):
 
 
 @triton.jit
-def _load_logits(x_ptr, offsets, mask, softcap, SOFTCAP: tl.constexpr):
-    """(capped logits with -inf in masked lanes, tanh(x / cap) for the gradient's chain rule)."""
-    raw = tl.load(x_ptr + offsets, mask=mask, other=float("-inf")).to(tl.float32)
+def _cap(raw, mask, softcap, SOFTCAP: tl.constexpr):
+    """(logits widened to float32 and capped, -inf in masked lanes; tanh(x / cap) for the chain rule)."""
+    raw = raw.to(tl.float32)
     if SOFTCAP:
         th = _tanh(raw / softcap)
         x = tl.where(mask, softcap * th, float("-inf"))
@@ -59,6 +60,31 @@ def _load_logits(x_ptr, offsets, mask, softcap, SOFTCAP: tl.constexpr):
         th = raw  # unused
         x = raw
     return x, th
+
+
+@triton.jit
+def _load_logits(x_ptr, offsets, mask, softcap, SOFTCAP: tl.constexpr):
+    raw = tl.load(x_ptr + offsets, mask=mask, other=float("-inf"))
+    return _cap(raw, mask, softcap, SOFTCAP)
+
+
+@triton.jit
+def _class_terms(weight_ptr, cols, mask, t, eps, C, HAS_WEIGHT: tl.constexpr, PROB: tl.constexpr, SMOOTH: tl.constexpr):
+    """(w_c, the coefficient of log p_c in the row's loss sum): w_c t'_c for probability targets ``t``
+    (t' = (1 - eps) t + eps / C under smoothing), w_c for class indices (smoothing's uniform term);
+    0 in masked lanes."""
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(mask, 1.0, 0.0)
+    if PROB:
+        t = t.to(tl.float32)
+        if SMOOTH:
+            t = (1.0 - eps) * t + eps / C
+        wt = tl.where(mask, w * t, 0.0)
+    else:
+        wt = w
+    return w, wt
 
 
 @triton.jit
@@ -96,35 +122,31 @@ def cross_entropy_kernel(
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     wt_sum = tl.zeros((), tl.float32)
-    x_keep = tl.full((BLOCK,), float("-inf"), tl.float32)
-    th_keep = tl.zeros((BLOCK,), tl.float32)
-    wt_keep = tl.zeros((BLOCK,), tl.float32)
-    w_keep = tl.zeros((BLOCK,), tl.float32)
+    # A row in one block is kept as loaded (and its probability target): pass 2 widens and caps it
+    # again rather than keeping float32 copies alive, and reloads the class weights (C values shared by
+    # every row: cache hits).
+    raw_keep = tl.full((BLOCK,), float("-inf"), x_ptr.dtype.element_ty)
+    t_keep = tl.zeros((BLOCK,), target_ptr.dtype.element_ty)  # (probability targets)
     for start in range(0, n_classes, BLOCK):
         cols = start + cols0
         mask = cols < n_classes
         offsets = base + cols.to(tl.int64) * inner
-        x, th = _load_logits(x_ptr, offsets, mask, softcap, SOFTCAP)
+        raw = tl.load(x_ptr + offsets, mask=mask, other=float("-inf"))
+        x, _th = _cap(raw, mask, softcap, SOFTCAP)
         m_new = tl.maximum(m, tl.max(x, 0))
         # m == m_new also covers both -inf (nothing seen yet), where exp(m - m_new) would be NaN.
         alpha = tl.where(m == m_new, 1.0, tl.exp(m - m_new))
         e = tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new))
         s = s * alpha + tl.sum(e, 0)
         m = m_new
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        else:
-            w = tl.where(mask, 1.0, 0.0)
         if PROB:
-            t = tl.load(target_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            if SMOOTH:
-                t = (1.0 - eps) * t + eps / C
-            wt = tl.where(mask, w * t, 0.0)
+            t_block = tl.load(target_ptr + offsets, mask=mask, other=0.0)
+            _w, wt = _class_terms(weight_ptr, cols, mask, t_block, eps, C, HAS_WEIGHT, PROB, SMOOTH)
             wt_sum += tl.sum(wt, 0)
-        else:
-            wt = w
+            if ONE_BLOCK:
+                t_keep = t_block
         if ONE_BLOCK:
-            x_keep, th_keep, wt_keep, w_keep = x, th, wt, w
+            raw_keep = raw
 
     log_s = tl.log(s)
     # log p_c = (x_c - m) - log(s): the shifted value is exact, log(s) in [0, log C] is small (as the
@@ -174,30 +196,25 @@ def cross_entropy_kernel(
             mask = cols < n_classes
             offsets = base + cols.to(tl.int64) * inner
             if ONE_BLOCK:
-                x, th, wt, w = x_keep, th_keep, wt_keep, w_keep
+                raw = raw_keep
+                t = t_keep
             else:
-                x, th = _load_logits(x_ptr, offsets, mask, softcap, SOFTCAP)
-                if HAS_WEIGHT:
-                    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                else:
-                    w = tl.where(mask, 1.0, 0.0)
+                raw = tl.load(x_ptr + offsets, mask=mask, other=float("-inf"))
                 if PROB:
-                    t = tl.load(target_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-                    if SMOOTH:
-                        t = (1.0 - eps) * t + eps / C
-                    wt = tl.where(mask, w * t, 0.0)
+                    t = tl.load(target_ptr + offsets, mask=mask, other=0.0)
                 else:
-                    wt = w
+                    t = t_keep  # unused
+            x, th = _cap(raw, mask, softcap, SOFTCAP)
+            w, wt = _class_terms(weight_ptr, cols, mask, t, eps, C, HAS_WEIGHT, PROB, SMOOTH)
             shifted = x - m
             log_p = shifted - log_s
             # exp(x - m) / s: one rounding per factor (not exp(log_p)); 0 for -inf and masked lanes.
             p = tl.where(x == float("-inf"), 0.0, tl.exp(shifted)) / s
-            if PROB:
+            if PROB or SMOOTH:
                 acc += tl.sum(wt * tl.where(mask, log_p, 0.0), 0)  # padding lanes: 0 * -inf
+            if PROB:
                 d = p * coef - wt
             else:
-                if SMOOTH:
-                    acc += tl.sum(w * tl.where(mask, log_p, 0.0), 0)
                 # (p - onehot) * coef: the 1 of the one-hot is subtracted at the target column only.
                 d = p * coef - tl.where(cols == y, coef, 0.0)
                 if SMOOTH:
@@ -266,16 +283,14 @@ def slice_gradient_kernel(
         offsets = base + cols
         x, th = _load_logits(x_ptr, offsets, mask, softcap, SOFTCAP)
         p = tl.exp(x - lse)  # NaN where lse is -inf (no finite logit in the vocabulary), as the reference
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if PROB:
+            t = tl.load(target_ptr + offsets, mask=mask, other=0.0)
         else:
-            w = 1.0
+            t = 0.0
+        w, wt = _class_terms(weight_ptr, cols, mask, t, eps, total * 1.0, HAS_WEIGHT, PROB, SMOOTH)
         d = A * p
         if PROB:
-            t = tl.load(target_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            if SMOOTH:
-                t = (1.0 - eps) * t + eps / total
-            d -= g * (w * t)
+            d -= g * wt
         else:
             if SMOOTH:
                 d -= B * w
@@ -285,3 +300,36 @@ def slice_gradient_kernel(
         # where, not the 0 in g: a row that does not count may hold NaN and must still get exactly 0.
         d = tl.where(valid, d, 0.0)
         tl.store(grad_ptr + offsets, d.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def nll_kernel(
+    x_ptr,  # (outer, C, inner) log-probabilities, float32/bfloat16/float16
+    target_ptr,  # (rows,) int class indices
+    weight_ptr,  # (C,) class weights (HAS_WEIGHT)
+    loss_ptr,  # (rows,) float32 per-row losses (out)
+    n_rows,
+    n_classes,
+    inner,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,  # rows per program
+):
+    """-w_y x_y per row (0 where ignored): a gather, BLOCK rows a program. An out-of-range class
+    (unchecked on a GPU) gives NaN, as in cross_entropy_kernel."""
+    row = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = row < n_rows
+    outer = row // inner
+    base = outer * n_classes * inner + (row - outer * inner)  # int64 offsets
+    y = tl.load(target_ptr + row, mask=live, other=0).to(tl.int64)
+    valid = y != ignore_index
+    in_range = (y >= 0) & (y < n_classes)
+    y_safe = tl.where(valid & in_range, y, 0)
+    x_y = tl.load(x_ptr + base + y_safe * inner, mask=live, other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + y_safe, mask=live, other=0.0).to(tl.float32)
+    else:
+        w_y = tl.full((BLOCK,), 1.0, tl.float32)
+    coef = tl.where(in_range, w_y, float("nan"))
+    loss = tl.where(valid, -(coef * x_y), 0.0)
+    tl.store(loss_ptr + row, loss, mask=live)
