@@ -173,8 +173,12 @@ class _LinearTokenStats(torch.autograd.Function):
         cdt = compute_dtype(x.dtype)
         out = [torch.zeros(n, dtype=cdt, device=x.device) for _ in range(3)]
         mm_dtype = _matmul_dtype(x)
-        buffer = _buffer((min(chunk, max(1, rows.numel())), W.shape[0]), mm_dtype, x.device)
-        for start in range(0, rows.numel(), chunk):
+        if by_vocab and rows.numel():
+            stats = _forward_by_vocab(x, W, b, target, rows, temperature)
+            for o, s in zip(out, stats, strict=True):
+                o.index_copy_(0, rows, s)
+        buffer = _buffer((min(chunk, max(1, rows.numel())), W.shape[0]), mm_dtype, x.device) if not by_vocab else None
+        for start in range(0, 0 if buffer is None else rows.numel(), chunk):
             idx = rows[start : start + chunk]
             logits = _linear_into(buffer[: idx.numel()], x.index_select(0, idx).to(mm_dtype), W, b)
             stats = _chunk_stats(logits, target.index_select(0, idx), ignore_index, temperature)
@@ -197,6 +201,46 @@ class _LinearTokenStats(torch.autograd.Function):
         else:
             dx, dW, db = _backward_by_rows(x, W, b, target, rows, ups, ctx.temperature, ctx.ignore_index, ctx.chunk)
         return dx, dW, db, None, None, None, None, None
+
+
+def _forward_by_vocab(
+    x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, target: torch.Tensor, rows: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""(log_prob, entropy, logsumexp) of the counted rows, over blocks of the vocabulary with all the
+    rows in each (large products; half-precision weights converted once a block). Each block k gives
+    its own statistics (the kernel, with targets inside it): :math:`l_k` = logsumexp, :math:`H_k`, and
+    the target's log-probability within the block; over the disjoint blocks, with
+    :math:`w_k = e^{l_k - l}`, :math:`l = \log\sum_k e^{l_k}`, :math:`H = \sum_k w_k (H_k - \log w_k)`
+    (the entropy of a mixture of distributions on disjoint supports) and
+    :math:`\log p_y = \log p^{(k)}_y + l_k - l` for the block holding y."""
+    n_rows, cdt, mm_dtype = rows.numel(), compute_dtype(x.dtype), _matmul_dtype(x)
+    v = W.shape[0]
+    block = _vocab_block(n_rows, v, mm_dtype)
+    x_c, t_c = x.index_select(0, rows).to(mm_dtype), target.index_select(0, rows)
+    buffer = _buffer((n_rows * block,), mm_dtype, x.device)
+    lse_k, ent_k = [], []
+    log_prob = torch.zeros(n_rows, dtype=cdt, device=x.device)
+    for v0 in range(0, v, block):
+        v1 = min(v, v0 + block)
+        logits = _linear_into(
+            buffer[: n_rows * (v1 - v0)].view(n_rows, v1 - v0), x_c, W[v0:v1], None if b is None else b[v0:v1]
+        )
+        mine = (t_c >= v0) & (t_c < v1)
+        local = torch.where(mine, t_c - v0, 0)  # every row counted: each block's statistics are wanted
+        lp, ent, lse = _chunk_stats(logits, local, -1, temperature)
+        lse_k.append(lse.to(cdt))
+        ent_k.append(ent.to(cdt))
+        log_prob = torch.where(mine, lp.to(cdt) + lse.to(cdt), log_prob)  # z_y, for now
+    ls, hs = torch.stack(lse_k), torch.stack(ent_k)  # (blocks, rows)
+    lse = torch.logsumexp(ls, 0)
+    log_w = ls - lse
+    w = log_w.exp()
+    # A block of -inf logits only (w = 0; its H is NaN) adds nothing.
+    entropy = torch.where(w > 0, w * (hs - log_w), 0.0).sum(0)
+    # torch's NaN log_softmax for a row holding +inf or NaN, or only -inf (lse not finite).
+    finite = torch.isfinite(lse)
+    return torch.where(finite, log_prob - lse, torch.nan), torch.where(finite, entropy, torch.nan), lse
 
 
 def _backward_by_rows(
