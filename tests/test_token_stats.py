@@ -312,11 +312,11 @@ def test_temperature_tensor_requiring_grad_raises():
 
 def test_linear_token_stats_non_tensor_arguments():
     h, W, y = torch.zeros(2, 4), torch.zeros(3, 4), torch.tensor([0, 1])
-    with pytest.raises(TypeError, match="target must be a torch.Tensor, got ndarray"):
+    with pytest.raises(TypeError, match=r"target must be a torch\.Tensor, got ndarray"):
         ct.linear_token_stats(h, W, np.array([0, 1]))
-    with pytest.raises(TypeError, match="weight must be a torch.Tensor, got ndarray"):
+    with pytest.raises(TypeError, match=r"weight must be a torch\.Tensor, got ndarray"):
         ct.linear_token_stats(h, np.zeros((3, 4)), y)
-    with pytest.raises(TypeError, match="bias must be a torch.Tensor, got list"):
+    with pytest.raises(TypeError, match=r"bias must be a torch\.Tensor, got list"):
         ct.linear_token_stats(h, W, y, bias=[0.0, 0.0, 0.0])
 
 
