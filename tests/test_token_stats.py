@@ -225,3 +225,130 @@ def test_linear_token_stats_batch_shape_and_bfloat16(rng):
     for leaf, e in zip((ht, Wt), expected_grads, strict=True):
         got = leaf.grad.double().numpy().reshape(e.shape)
         assert np.abs(got - e).max() <= 2e-2 * np.abs(e).max() + 1e-3
+
+
+def _nonfinite_case():
+    """Rows holding +inf, +inf twice, NaN, +inf with NaN, all -inf, and an ordinary row."""
+    inf, nan = np.inf, np.nan
+    x = np.array(
+        [[inf, 1.0, 0.0, -2.0], [inf, inf, 0.0, 1.0], [0.5, nan, 1.0, 2.0], [inf, nan, 0.0, 0.0],
+         [-inf, -inf, -inf, -inf], [1.0, 2.0, -inf, 0.5]]
+    )  # fmt: skip
+    return x, np.array([0, 2, 1, 3, 0, 1])
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "reference"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numpy_rows_with_inf_or_nan_match_torch(native, dtype):
+    x, y = _nonfinite_case()
+    expected, _ = _oracle(x, y, 1, 0.8)
+    assert expected[2][0] == np.inf and np.isnan(expected[2][3])  # torch: +inf, NaN with a NaN
+    previous = use_native(native)
+    try:
+        with np.errstate(all="ignore"):  # the reference's NumPy warns at inf - inf, log 0
+            got = crossent.token_stats(x.astype(dtype), y, temperature=0.8)
+    finally:
+        use_native(previous)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=3e-6, atol=3e-6)  # NaN where torch has NaN, inf where inf
+
+
+@pytest.mark.parametrize("torch_ops", [False, True], ids=["kernel", "torch-ops"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_rows_with_inf_or_nan_match_torch(rng, torch_ops, dtype):
+    x, y = _nonfinite_case()
+    weights = _weights(rng, y.shape)
+    x64 = torch.tensor(x, requires_grad=True)
+    stats = oracle.token_stats(x64, torch.tensor(y), axis=1, temperature=0.8)
+    sum((w * s).sum() for w, s in zip(weights, stats, strict=True)).backward()
+    xt = torch.tensor(x, dtype=dtype, requires_grad=True)
+    with ct.use_backend("torch" if torch_ops else "auto"):
+        s = ct.token_stats(xt, torch.tensor(y), temperature=0.8)
+        sum((w.to(dtype) * v).sum() for w, v in zip(weights, s, strict=True)).backward()
+    for g, e in zip(s, stats, strict=True):
+        np.testing.assert_allclose(g.detach().double().numpy(), e.detach().numpy(), rtol=3e-6, atol=3e-6)
+    assert torch.isnan(x64.grad[:5]).all()  # torch: every row holding +inf, NaN or only -inf is NaN
+    np.testing.assert_allclose(xt.grad.double().numpy(), x64.grad.numpy(), rtol=3e-6, atol=3e-6)
+
+
+def test_temperature_as_zero_dimensional_array_or_tensor(rng):
+    x, y = _case(rng, (6, 9), 1)
+    want = crossent.token_stats(x, y, temperature=0.6)
+    for t in (np.array(0.6), np.float32(0.6), np.array(0.6, dtype=np.float32)):
+        got = crossent.token_stats(x, y, temperature=t)
+        np.testing.assert_allclose(got.entropy, want.entropy, rtol=1e-6)
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    got_t = ct.token_stats(xt, yt, temperature=torch.tensor(0.6, dtype=torch.float64))
+    np.testing.assert_allclose(got_t.entropy.numpy(), want.entropy, rtol=1e-12)
+    h, W = torch.randn(6, 4), torch.randn(9, 4)
+    lin = ct.linear_token_stats(h, W, yt, temperature=torch.tensor(0.6))
+    ref = ct.token_stats(h @ W.T, yt, temperature=0.6)
+    np.testing.assert_allclose(lin.log_prob.numpy(), ref.log_prob.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("temperature", "error", "match"),
+    [
+        (np.array([0.6]), TypeError, r"0-d real array, got shape \(1,\)"),
+        (np.array(True), TypeError, "0-d real array"),
+        (np.array(0.0), ValueError, "finite and > 0, got 0.0"),
+        (np.array(np.nan), ValueError, "finite and > 0"),
+    ],
+)
+def test_bad_array_temperature(temperature, error, match):
+    with pytest.raises(error, match=match):
+        crossent.token_stats(np.zeros((2, 3)), np.array([0, 1]), temperature=temperature)
+    with pytest.raises(error, match=match):
+        ct.token_stats(torch.zeros(2, 3), torch.tensor([0, 1]), temperature=torch.from_numpy(temperature))
+
+
+def test_temperature_tensor_requiring_grad_raises():
+    t = torch.tensor(0.7, requires_grad=True)
+    with pytest.raises(TypeError, match=r"temperature .*requires a gradient.*detach"):
+        ct.token_stats(torch.zeros(2, 3), torch.tensor([0, 1]), temperature=t)
+    with pytest.raises(TypeError, match=r"temperature .*requires a gradient"):
+        ct.linear_token_stats(torch.zeros(2, 4), torch.zeros(3, 4), torch.tensor([0, 1]), temperature=t)
+
+
+def test_linear_token_stats_non_tensor_arguments():
+    h, W, y = torch.zeros(2, 4), torch.zeros(3, 4), torch.tensor([0, 1])
+    with pytest.raises(TypeError, match=r"target must be a torch\.Tensor, got ndarray"):
+        ct.linear_token_stats(h, W, np.array([0, 1]))
+    with pytest.raises(TypeError, match=r"weight must be a torch\.Tensor, got ndarray"):
+        ct.linear_token_stats(h, np.zeros((3, 4)), y)
+    with pytest.raises(TypeError, match=r"bias must be a torch\.Tensor, got list"):
+        ct.linear_token_stats(h, W, y, bias=[0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_token_stats_half_backward_over_vocabulary_blocks(rng, monkeypatch, dtype, bias):
+    # A small budget: 512-class blocks over 1300 classes (three, the last partial).
+    from crossent.torch import _token_stats
+
+    monkeypatch.setattr(_token_stats, "_CHUNK_BUDGET_BYTES", 1024)
+    n, d, v = 40, 16, 1300
+    h = rng.normal(size=(n, d))
+    W = rng.normal(size=(v, d)) / d**0.5 * 2
+    b = rng.normal(size=v) if bias else None
+    y = rng.integers(0, v, size=n)
+    y[::5] = -100
+    y[(y >= 600) & (y < 700)] = 5  # none at the -inf logits below
+    y[1], y[2] = 3, 1299  # targets in the first and the last block
+    hh, Wh = (torch.tensor(a).to(dtype) for a in (h, W))
+    bh = None if b is None else torch.tensor(b).to(dtype)
+    if bh is not None:
+        bh[600:700] = -float("inf")  # -inf logits inside a block
+    weights = _weights(rng, (n,))
+    expected, expected_grads = _linear_oracle(
+        hh.double().numpy(), Wh.double().numpy(), None if bh is None else bh.double().numpy(), y, 0.8, weights
+    )
+    leaves = [t.clone().requires_grad_(True) for t in (hh, Wh) + (() if bh is None else (bh,))]
+    s = ct.linear_token_stats(leaves[0], leaves[1], torch.tensor(y), bias=leaves[2] if bias else None, temperature=0.8)
+    sum((w.to(dtype) * v).sum() for w, v in zip(weights, s, strict=True)).backward()
+    for g, e in zip(s, expected, strict=True):
+        np.testing.assert_allclose(g.double().detach().numpy(), e, rtol=2e-2, atol=5e-2)
+    for leaf, e in zip(leaves, expected_grads, strict=True):
+        assert leaf.grad.dtype == dtype and not torch.isnan(leaf.grad).any()
+        got = leaf.grad.double().numpy()
+        assert np.abs(got - e).max() <= 1e-2 * np.abs(e).max() + 1e-3

@@ -30,12 +30,27 @@ class TokenStats(NamedTuple):
 
 
 def check_temperature(temperature: Any) -> float:
-    """The temperature as a float; ValueError unless it is finite and > 0."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)):
+    """The temperature as a float: a real number, or a 0-d array of an integer or floating dtype on
+    the CPU (a NumPy array, a CPU tensor that does not require a gradient), finite and > 0; TypeError or
+    ValueError naming the value and what was expected otherwise."""
+    if hasattr(temperature, "shape") and hasattr(temperature, "dtype") and not isinstance(temperature, np.generic):
+        # Read by names, so that NumPy arrays and torch tensors are checked alike without importing torch.
+        shape, dtype = tuple(temperature.shape), str(temperature.dtype).removeprefix("torch.")
+        if shape != () or not dtype.startswith(("int", "uint", "float", "bfloat")):
+            raise TypeError(f"temperature must be a real number or a 0-d real array, got shape {shape} {dtype}")
+        device = getattr(temperature, "device", "cpu")
+        if str(getattr(device, "type", device)) != "cpu":
+            raise TypeError(f"temperature must be a number or a 0-d CPU array (read on the host), got one on {device}")
+        if getattr(temperature, "requires_grad", False):
+            raise TypeError(
+                "temperature is a tensor that requires a gradient, which the token statistics do not give: "
+                "pass temperature.detach() or a float"
+            )
+    elif isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)):
         raise TypeError(f"temperature must be a real number, got {temperature!r}")
     t = float(temperature)
     if not (math.isfinite(t) and t > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+        raise ValueError(f"temperature must be finite and > 0, got {t!r}")
     return t
 
 
@@ -68,8 +83,8 @@ def token_stats(
         skip (0 in every statistic).
     axis : int, optional
         The class axis; ``axis=-1`` takes ``(N, T, C)`` without a transposed copy.
-    temperature : float
-        :math:`T > 0`, finite.
+    temperature : float or 0-d array
+        :math:`T > 0`, finite: a number or a 0-d NumPy array (a 0-d CPU tensor in crossent.torch).
     ignore_index : int
 
     Returns

@@ -1419,7 +1419,8 @@ void log_f64(const double* in, double* out, int64_t n, int threads) {
 // Per-token statistics of tempered logits z = x / T (TokenStatsCall), a row at a time: one pass for the
 // maximum m, one for s = sum_c e_c and u = sum_c e_c (z_c - m) with e_c = exp(z_c - m), so that
 // lse = m + log s, entropy = log s - u / s and log p_c = (z_c - m) - log s; with upstream gradients a
-// third pass writes d/dx. A class at z_c = -inf has e_c = 0 and adds 0 to u (not 0 * -inf = NaN).
+// third pass writes d/dx. A class at z_c = -inf has e_c = 0 and adds 0 to u (not 0 * -inf = NaN). A row
+// holding +inf, NaN or only -inf gives torch's values: logsumexp +inf, -inf or NaN, the rest NaN.
 //
 // Gradient: with p = softmax(z), H = lse - sum_c p_c z_c, d lse/dz_c = p_c, d log p_y/dz_c = [c = y] - p_c
 // and dH/dz_c = -p_c (z_c - sum_j p_j z_j) = -p_c (log p_c + H); so for upstream (g_lp, g_ent, g_lse)
@@ -1477,6 +1478,20 @@ void token_stats_typed(const TokenStatsCall& call) {
                 }
                 s += static_cast<double>(ps);
                 u += static_cast<double>(pu);
+            }
+            if (!(s > 0 && s < HUGE_VAL)) {
+                // The row holds +inf or NaN (else every e_c <= 1), or only -inf (else the maximum's e is 1):
+                // torch's logsumexp is +inf or -inf, NaN with a NaN, its log_softmax (so log p, H and every
+                // gradient) NaN. Not IEEE arithmetic on e = exp(inf - 0) or 1 / s = inf, whose NaN p_c,
+                // failing p_c > 0 below, would give finite gradients.
+                bool has_nan = false;
+                for (int64_t c = 0; c < n; ++c) has_nan = has_nan || std::isnan(Elem<T>::load(xr[c]));
+                const double nan = std::numeric_limits<double>::quiet_NaN();
+                put(call.log_prob, r, nan);
+                put(call.entropy, r, nan);
+                put(call.logsumexp, r, has_nan ? nan : s == 0 ? -HUGE_VAL : HUGE_VAL);
+                if (grad) std::fill(grad + r * n, grad + (r + 1) * n, Elem<T>::store(static_cast<C>(nan)));
+                continue;
             }
             const double log_s = std::log(s);
             const double entropy = log_s - u / s;

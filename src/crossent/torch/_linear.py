@@ -248,6 +248,29 @@ def _sweep(
     return per_row, grads
 
 
+def add_block_grads(
+    dlogits: torch.Tensor, x_c: torch.Tensor, W: torch.Tensor, v0: int, v1: int, dx_c: torch.Tensor,
+    dW: torch.Tensor, db: torch.Tensor | None, *, once: bool,
+) -> None:  # fmt: skip
+    """A chunk of rows' gradient over the logits of classes [v0, v1), ``dlogits`` (rows, v1 - v0), into
+    the gradients: dx_c += dlogits @ W[v0:v1] (dx_c in float32 or float64), db[v0:v1] += its column sums,
+    and dW[v0:v1] = dlogits.T @ x_c written ``once`` in dW's dtype (all the rows are in the chunk), else
+    added to the float32 dW accumulated over row chunks."""
+    W_block = W[v0:v1]
+    if x_c.dtype == dx_c.dtype:  # float32 matmuls: added in place, W converted a block at a time
+        g = dlogits.to(dx_c.dtype)
+        for c0, c1 in _class_blocks(v1 - v0):
+            dx_c.addmm_(g[:, c0:c1], W_block[c0:c1].to(dx_c.dtype))
+    else:
+        dx_c += _input_grad(dlogits.to(x_c.dtype), W_block).to(dx_c.dtype)
+    if once:
+        _write_weight_grad(dW[v0:v1], dlogits, x_c)
+    else:
+        dW[v0:v1].addmm_(dlogits.t().to(dW.dtype), x_c.to(dW.dtype))  # float32 accumulation over chunks
+    if db is not None:
+        db[v0:v1] += dlogits.sum(0, dtype=db.dtype)
+
+
 def _write_weight_grad(dW_block: torch.Tensor, dlogits: torch.Tensor, x_c: torch.Tensor) -> None:
     """dW_block = dlogits.T @ x_c, accumulated in float32 and written once in dW_block's (half) dtype;
     a float32 product goes through a temporary of at most _MATMUL_CLASS_BLOCK classes."""
@@ -339,13 +362,7 @@ def _sweep_vocab_chunks(
             out = grad_buffer[: r * (v1 - v0)].view(r, v1 - v0)
             terms_k = dataclasses.replace(terms, lse_local=stats[k].lse)
             dlogits = slice_gradient(logits, t_k, sl, opts, terms_k, g_c, out=out)
-            dx_c += _input_grad(dlogits.to(mm_dtype), W[v0:v1]).to(compute)
-            if one_pass:
-                _write_weight_grad(dW[v0:v1], dlogits, x_c)
-            else:
-                dW[v0:v1].addmm_(dlogits.t().to(dW.dtype), x_c.to(dW.dtype))  # float32 accumulation over chunks
-            if db is not None:
-                db[v0:v1] += dlogits.sum(0, dtype=dW.dtype)
+            add_block_grads(dlogits, x_c, W, v0, v1, dx_c, dW, db, once=one_pass)
         dx.index_copy_(0, idx, dx_c.to(dx.dtype))
     return per_row, grads
 
