@@ -159,7 +159,8 @@ def test_linear_all_ignored_mean_gradient_is_zero_or_nan_as_the_oracle(rng):
     for zero in (False, True):
         want, want_grads = _oracle_linear(h, k, np.zeros(4), y, {"zero_if_all_ignored": zero}, np.asarray(1.0))
         got, grads = jax.value_and_grad(
-            lambda h, k: cj.linear_cross_entropy(h, k, y, chunk_size=4, zero_if_all_ignored=zero), argnums=(0, 1)
+            lambda h, k, zero=zero: cj.linear_cross_entropy(h, k, y, chunk_size=4, zero_if_all_ignored=zero),
+            argnums=(0, 1),
         )(h, k)
         oracle.assert_close(got, want, np.float64, what=f"loss zero_if_all_ignored={zero}")
         for g, e in zip(grads, want_grads[:2], strict=True):
