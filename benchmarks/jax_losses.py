@@ -168,6 +168,9 @@ def bench_linear(n: int, d: int, v: int, rounds: int, chunk: int | None) -> dict
         "best_ms": {name: 1e3 * min(t) for name, t in times.items()},
         "time_ratio": min(times["linear"]) / min(times["naive"]),
         "vocab_time_ratio": min(times["linear (vocab chunks)"]) / min(times["naive"]),
+        "median_time_ratio": statistics.median(times["linear"]) / statistics.median(times["naive"]),
+        # Issue #17's target: time <= 1.2x naive, temporaries beyond the gradient <= 10% of naive's.
+        "target": {"time_ratio": 1.2, "temp_beyond_gradient_ratio": 0.1},
     }  # fmt: skip
 
 
@@ -199,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     lin = bench_linear(*linear, rounds=max(2, rounds // 3), chunk=None)
     print(f"linear loss temp memory {lin['memory']['linear']['temp_bytes'] / 2**20:.1f} MiB vs naive "
           f"{lin['memory']['naive']['temp_bytes'] / 2**20:.1f} MiB ({lin['temp_ratio']:.3f}; beyond the kernel "
-          f"gradient {lin['temp_beyond_gradient_ratio']:.3f}), time x{lin['time_ratio']:.2f}; vocabulary chunks: "
+          f"gradient {lin['temp_beyond_gradient_ratio']:.3f}), time x{lin['time_ratio']:.2f} (median "
+          f"x{lin['median_time_ratio']:.2f}); vocabulary chunks: "
           f"temp {lin['vocab_temp_ratio']:.3f} of naive, time x{lin['vocab_time_ratio']:.2f}")  # fmt: skip
     payload = {
         "jax": jax.__version__, "optax": optax.__version__, "backend": cj.current_backend(),

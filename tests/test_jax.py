@@ -236,6 +236,54 @@ def test_softmax_family_against_torch(rng, shape):
     oracle.assert_close(keep, torch.logsumexp(torch.tensor(x), 0, keepdim=True).numpy(), np.float64)
 
 
+def _numpy_softmax_family(x, axes):
+    """float64 NumPy math over ``axes`` (a tuple; () reduces nothing): softmax, log_softmax, logsumexp."""
+    m = np.max(x, axis=axes, keepdims=True) if axes else x
+    lse = m + np.log(np.sum(np.exp(x - m), axis=axes, keepdims=True)) if axes else x
+    return {"softmax": np.exp(x - lse), "log_softmax": x - lse, "logsumexp": np.squeeze(lse, axis=axes)}
+
+
+@pytest.mark.parametrize("axis", [None, (), (0,), (0, 2), (2, 0), (-1, 1), (0, 1, 2), -2], ids=str)
+def test_softmax_family_takes_jax_nn_axes(rng, axis):
+    # Issue #17: tuples and None, as jax.nn takes them, reduce over those axes together.
+    x = 10 * rng.standard_normal((3, 4, 5))
+    v = rng.standard_normal(x.shape)
+    axes = tuple(range(3)) if axis is None else tuple(a % 3 for a in ((axis,) if isinstance(axis, int) else axis))
+    want = _numpy_softmax_family(x, axes)
+    for name in ["softmax", "log_softmax", "logsumexp"]:
+        ours = getattr(cj, name)
+        got = jax.jit(lambda a, ours=ours: ours(a, axis=axis))(x)
+        oracle.assert_close(got, want[name], np.float64, what=f"{name} axis={axis}")
+        # jax.nn itself, on the same axes: the same shapes and values
+        oracle.assert_close(got, getattr(jax.nn, name)(x, axis=axis), np.float64, what=f"{name} vs jax.nn")
+        _, tangent = jax.jvp(lambda a, ours=ours: ours(a, axis=axis), (x,), (v,))
+        _, expected = jax.jvp(lambda a, name=name: getattr(jax.nn, name)(a, axis=axis), (x,), (v,))
+        oracle.assert_close(tangent, expected, np.float64, what=f"{name} jvp")
+    keep = cj.logsumexp(x, axis=axis, keepdims=True)
+    oracle.assert_close(keep, np.expand_dims(want["logsumexp"], axes) if axes else x, np.float64, what="keepdims")
+
+
+def test_softmax_family_takes_0d_inputs_and_names_bad_axes():
+    x = jnp.float64(2.5)
+    for axis in [None, (), 0, -1]:
+        assert float(cj.softmax(x, axis=axis)) == 1.0
+        assert float(cj.log_softmax(x, axis=axis)) == 0.0
+        assert float(cj.logsumexp(x, axis=axis)) == 2.5
+        assert cj.logsumexp(x, axis=axis, keepdims=True).shape == ()
+    y = jnp.zeros((2, 3))
+    for fn in [cj.softmax, cj.log_softmax, cj.logsumexp]:
+        with pytest.raises(ValueError, match="axis 2 is out of range"):
+            fn(y, axis=(0, 2))
+        with pytest.raises(ValueError, match=r"axis \(1, -1\) names an axis twice"):
+            fn(y, axis=(1, -1))
+        with pytest.raises(TypeError, match=r"axis must be an int, got 1\.5"):
+            fn(y, axis=(1.5,))
+        with pytest.raises(TypeError, match=r"axis must be an int, got \[0\]"):
+            fn(y, axis=[0])
+        with pytest.raises(ValueError, match="axis 1 is out of range for an input with 0 dimensions"):
+            fn(x, axis=1)
+
+
 def test_out_of_range_targets_raise_eagerly_and_are_nan_under_jit(rng):
     x = rng.standard_normal((4, 3))
     bad = np.array([0, 1, 3, 2])

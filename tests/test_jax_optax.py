@@ -115,3 +115,20 @@ def test_integer_labels_out_of_range_and_no_ignore_index():
     assert np.isfinite(out[0]) and np.isnan(out[1])
     out = jax.jit(cj.softmax_cross_entropy_with_integer_labels)(YS, jnp.array([1, np.iinfo(np.int64).min]))
     assert np.isnan(out[1])
+
+
+def test_integer_labels_error_speaks_optax_terms():
+    # Issue #17: labels, the number of classes, what was expected and the bad value; no ignore_index.
+    with pytest.raises(IndexError, match=r"^labels value 7 is out of range for 3 classes: expected 0 <= labels < 3$"):
+        cj.softmax_cross_entropy_with_integer_labels(YS, np.array([1, 7]))
+    with pytest.raises(IndexError, match=r"labels value -1 .*expected 0 <= labels < 12$"):
+        cj.softmax_cross_entropy_with_integer_labels(np.zeros((2, 3, 4), np.float32), np.array([-1, 0]), axis=(1, 2))
+
+
+def test_minus_inf_logit_with_zero_probability_gives_zero_where_optax_gives_nan():
+    # The documented difference: 0 * log 0 is 0 here (the limit), NaN in optax.softmax_cross_entropy.
+    logits = jnp.array([[0.0, -jnp.inf, 1.0]])
+    labels = jnp.array([[0.5, 0.0, 0.5]])
+    want = 0.5 * -np.log(1 / (1 + np.e)) + 0.5 * -np.log(np.e / (1 + np.e))  # float64 math
+    np.testing.assert_allclose(cj.softmax_cross_entropy(logits, labels), [want], rtol=1e-6)
+    assert np.isnan(optax.softmax_cross_entropy(logits, labels)[0])

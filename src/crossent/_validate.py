@@ -315,8 +315,13 @@ def is_traced(x: Any) -> bool:
     return jax is not None and isinstance(x, jax.core.Tracer)
 
 
-def check_class_indices(xp: Any, target: Any, n_classes: int, ignore_index: int) -> None:
+def check_class_indices(
+    xp: Any, target: Any, n_classes: int, ignore_index: int, *, name: str = "target", ignorable: bool = True
+) -> None:
     """IndexError naming a target value outside [0, n_classes) that is not ignore_index.
+
+    ``name`` is what the message calls the values (optax's drop-ins: "labels"); ``ignorable=False``
+    (an API without ignore_index, which passes an in-range one) leaves ignore_index out of the message.
 
     A traced JAX target has no values to check: the check is skipped, and the reference gives such an
     element a NaN weight, so that its loss, the reductions over it and its gradient are NaN.
@@ -344,9 +349,9 @@ def check_class_indices(xp: Any, target: Any, n_classes: int, ignore_index: int)
         value = int(xp.max(xp.where(too_large, t, xp.zeros_like(t))))
     else:
         value = int(xp.min(xp.where(bad, t, xp.zeros_like(t))))
+    ignored = f", or {name} == ignore_index ({ignore_index})" if ignorable else ""
     raise IndexError(
-        f"target value {value} is out of range for {n_classes} classes: expected "
-        f"0 <= target < {n_classes}, or target == ignore_index ({ignore_index})"
+        f"{name} value {value} is out of range for {n_classes} classes: expected 0 <= {name} < {n_classes}{ignored}"
     )
 
 

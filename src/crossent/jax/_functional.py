@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -231,30 +232,53 @@ def nll_loss(
     return _nll_loss(input, target, weight, norm, shape, static)
 
 
-def _softmax_input(x: Any, axis: Any) -> tuple[Any, int]:
+def _over_axes(x: Any, axis: Any, op: str, keepdims: bool = False) -> Any:
+    """``op`` over ``axis``: one axis directly; several (a tuple, or None for every axis, as jax.nn takes
+    them; a 0-d input has none to name but 0, -1, None or ()) moved last and flattened into one, the
+    result laid back out. Reducing over no axis is an op over one element per position."""
     x = as_jax(x)
     validate.require_floating(jnp, x, "x")
-    return x, validate.resolve_axis(axis, x.ndim, torch_rule=False)
+    if isinstance(axis, int) and not isinstance(axis, bool) and x.ndim > 0:
+        ax = validate.resolve_axis(axis, x.ndim, torch_rule=False)
+        out = _softmax_op(x, ax, op)
+        return jnp.expand_dims(out, ax) if keepdims and op == "logsumexp" else out
+    axes = validate.resolve_axes(axis, x.ndim)  # ValueError/TypeError naming a bad axis
+    kept = tuple(a for a in range(x.ndim) if a not in axes)
+    shape = tuple(x.shape)
+    moved = jnp.transpose(x, kept + axes)
+    flat = moved.reshape(*(shape[a] for a in kept), math.prod(shape[a] for a in axes))
+    out = _softmax_op(flat, len(kept), op)
+    if op == "logsumexp":
+        return out.reshape(tuple(1 if a in axes else n for a, n in enumerate(shape))) if keepdims else out
+    return jnp.transpose(out.reshape(moved.shape), tuple(np.argsort(kept + axes)))
 
 
-def logsumexp(x: Any, axis: int = -1, keepdims: bool = False) -> jax.Array:
+def logsumexp(x: Any, axis: int | tuple[int, ...] | None = -1, keepdims: bool = False) -> jax.Array:
     """``log(sum(exp(x), axis))`` without overflow, for JAX (see :func:`crossent.logsumexp`).
+
+    ``axis`` takes what ``jax.nn.logsumexp`` takes: an int, a tuple of ints (reduced together; ``()``
+    reduces nothing and returns ``x``) or None (every axis); a 0-d ``x`` also takes 0 or -1, as
+    :func:`crossent.logsumexp`. An axis out of range or named twice raises ValueError, one that is not
+    an int TypeError.
 
     Examples
     --------
     >>> import jax.numpy as jnp, crossent.jax as cj
     >>> print(f"{cj.logsumexp(jnp.array([100.0, 100.0])):.4f}")  # 100 + log 2
     100.6931
+    >>> print(f"{cj.logsumexp(jnp.zeros((2, 3)), axis=None):.4f}")  # log 6
+    1.7918
     """
-    x, ax = _softmax_input(x, axis)
     if not isinstance(keepdims, bool):
         raise TypeError(f"keepdims must be a bool, got {keepdims!r}")
-    out = _softmax_op(x, ax, "logsumexp")
-    return jnp.expand_dims(out, ax) if keepdims else out
+    return _over_axes(x, axis, "logsumexp", keepdims)
 
 
-def log_softmax(x: Any, axis: int = -1) -> jax.Array:
+def log_softmax(x: Any, axis: int | tuple[int, ...] | None = -1) -> jax.Array:
     """``x - logsumexp(x, axis)`` without overflow, for JAX (see :func:`crossent.log_softmax`).
+
+    ``axis`` as for :func:`logsumexp` (jax.nn.log_softmax's): with several axes the log-probabilities
+    are normalised over all of them together.
 
     Examples
     --------
@@ -262,12 +286,14 @@ def log_softmax(x: Any, axis: int = -1) -> jax.Array:
     >>> [round(float(v), 4) for v in cj.log_softmax(jnp.array([0.0, jnp.log(3.0)]))]
     [-1.3863, -0.2877]
     """
-    x, ax = _softmax_input(x, axis)
-    return _softmax_op(x, ax, "log_softmax")
+    return _over_axes(x, axis, "log_softmax")
 
 
-def softmax(x: Any, axis: int = -1) -> jax.Array:
+def softmax(x: Any, axis: int | tuple[int, ...] | None = -1) -> jax.Array:
     """``exp(x) / sum(exp(x), axis)`` without overflow, for JAX (see :func:`crossent.softmax`).
+
+    ``axis`` as for :func:`logsumexp` (jax.nn.softmax's): with several axes the probabilities sum to 1
+    over all of them together.
 
     Examples
     --------
@@ -275,8 +301,7 @@ def softmax(x: Any, axis: int = -1) -> jax.Array:
     >>> [float(v) for v in cj.softmax(jnp.array([1000.0, 1000.0]))]
     [0.5, 0.5]
     """
-    x, ax = _softmax_input(x, axis)
-    return _softmax_op(x, ax, "softmax")
+    return _over_axes(x, axis, "softmax")
 
 
 def check_class_indices(target: Any, n_classes: int, ignore_index: int = -100) -> None:

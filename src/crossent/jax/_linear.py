@@ -22,14 +22,18 @@ from .. import _reference as reference
 from .. import _validate as validate
 from .._reference.softmax import batch_dtype
 from .._validate import LossOptions, LossShape
+from . import _backend
 from ._functional import _unsigned_without_wrapping, as_jax
 
-# Bytes of float32 logits one chunk may hold: the chunk's temporaries (logits, their gradient and the
-# reference's intermediates) are a few times this.
-CHUNK_BYTES = 4 << 20
-# Fewer rows than this per chunk (a vocabulary past CHUNK_BYTES / 64 B, 65536 classes) would starve the
-# matmuls: past it, chunks of VOCAB_ROWS rows and as many classes as CHUNK_BYTES holds.
-MIN_ROWS, VOCAB_ROWS = 16, 64
+# Bytes of float32 logits one row chunk may hold (the kernel's gradient then takes them in place). Each
+# chunk adds its (D, V) share of d/d kernel to the accumulator, a pass over D * V floats whatever the
+# chunk's rows, against 6 * rows * D * V flops of matmuls: 4 MiB (32 rows at V = 32768) spent a third
+# of the time on that pass (N=2048 D=512 V=32768: 1.3-1.7x the naive loss), 16 MiB (128 rows) is within
+# a few percent of it, and adds 16 MiB of temporaries (3% of the naive loss's).
+CHUNK_BYTES = 16 << 20
+# Fewer rows than this per chunk (a vocabulary past CHUNK_BYTES / 256 B, 65536 classes) would starve the
+# matmuls: past it, chunks of VOCAB_ROWS rows and as many classes as VOCAB_BYTES holds.
+MIN_ROWS, VOCAB_ROWS, VOCAB_BYTES = 64, 64, 4 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,25 +61,34 @@ def _denominator_and_scale(labels: Any, weight: Any, normalizer: Any, opts: Loss
         denom = jnp.sum(_target_weights(labels, weight, opts, bdt))
     else:  # negative, infinite or NaN (traced, so unchecked): NaN, as the specification's rule
         denom = reference.mean_denominator(jnp, dataclasses.replace(opts, normalizer=normalizer), None, None)
-    scale = 1.0 / denom
-    if opts.zero_if_all_ignored:
-        scale = jnp.where(denom == 0, 0.0, scale)
+    # A denominator of 0: NaN on the rows that count (0 with zero_if_all_ignored), as the
+    # specification's upstream gradient (1 / 0 would meet a zero unit gradient as inf * 0 anyway).
+    scale = jnp.where(denom == 0, 0.0 if opts.zero_if_all_ignored else jnp.nan, 1.0 / denom)
     return denom, scale
 
 
 def _chunk(h: Any, kernel: Any, bias: Any, y: Any, weight: Any, opts: LossOptions, upstream: Any) -> tuple[Any, ...]:
-    """Per-row losses of one chunk and, for per-row ``upstream`` gradients, its gradients."""
-    logits = jnp.matmul(h, kernel, preferred_element_type=jnp.float32 if h.dtype != jnp.float64 else jnp.float64)
+    """Per-row losses of one chunk and, for per-row ``upstream`` gradients, its gradients.
+
+    The chunk's loss and its gradient for a unit upstream gradient per row come from one call of the
+    loss (``_backend``: the native kernel in place on the CPU, the reference elsewhere), the same as
+    :func:`crossent.jax.cross_entropy` computes for the naive logits. The per-row upstream gradient
+    then scales ``h``'s rows and ``dh``'s rows, (rows, D) each, rather than the (rows, V) logits'
+    gradient: one pass over the chunk fewer. An ignored row's unit gradient is exactly 0 and its
+    upstream is taken as 0, as the specification's ``where`` gives it 0 even for an infinite upstream."""
+    cdt = jnp.float64 if h.dtype == jnp.float64 else jnp.float32
+    logits = jnp.matmul(h, kernel, preferred_element_type=cdt)
     if bias is not None:
-        logits = logits + bias.astype(logits.dtype)
+        logits = logits + bias.astype(cdt)
     shape = LossShape(1, logits.shape[1], (logits.shape[0],), False)
     per_row = dataclasses.replace(opts, reduction="none", normalizer=None, zero_if_all_ignored=False)
+    loss, unit = _backend.loss_and_unit_grad(logits, y, weight, None, shape, per_row, want_grad=upstream is not None)
     if upstream is None:
-        return (reference.cross_entropy(jnp, logits, y, weight, shape, per_row),)
-    loss, dlogits = reference.cross_entropy_and_grad(jnp, logits, y, weight, shape, per_row, upstream)
-    dh = jnp.matmul(dlogits, kernel.T.astype(dlogits.dtype))
-    dk = jnp.matmul(h.T.astype(dlogits.dtype), dlogits)
-    db = jnp.sum(dlogits, axis=0)
+        return (loss,)
+    g = jnp.where(y != opts.ignore_index, upstream.astype(cdt), 0)[:, None]
+    dh = g * jnp.matmul(unit, kernel.T, preferred_element_type=cdt)
+    dk = jnp.matmul((g * h.astype(cdt)).T, unit, preferred_element_type=cdt)
+    db = None if bias is None else jnp.matmul(g[:, 0], unit, preferred_element_type=cdt)
     return loss, dh, dk, db
 
 
@@ -183,7 +196,7 @@ def _sweep(h: Any, kernel: Any, bias: Any, y: Any, weight: Any, st: _Static, ups
     n_chunks = math.ceil(st.rows / st.chunk)
     pad = n_chunks * st.chunk - st.rows
     # Padding rows are ignored targets: no loss, no gradient.
-    hp = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, st.chunk, -1)
+    hp = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, st.chunk, h.shape[1])  # no -1: rows may be 0
     yp = jnp.pad(y, (0, pad), constant_values=st.opts.ignore_index).reshape(n_chunks, st.chunk)
     cdt = jnp.float64 if h.dtype == jnp.float64 else jnp.float32
     if upstream is None:
@@ -203,7 +216,7 @@ def _sweep(h: Any, kernel: Any, bias: Any, y: Any, weight: Any, st: _Static, ups
             return carry, (loss, dh)
         dk_acc, db_acc = carry
         loss, dh, dk, db = _chunk(xs[0], kernel, bias, xs[1], weight, st.opts, xs[2])
-        return (dk_acc + dk, db_acc + db), (loss, dh)
+        return (dk_acc + dk, db_acc if db is None else db_acc + db), (loss, dh)
 
     init = (jnp.zeros(kernel.shape, cdt), jnp.zeros((kernel.shape[1],), cdt))
     (dk, db), (losses, dh) = jax.lax.scan(step, init, (hp, yp, gp))
@@ -276,12 +289,13 @@ def linear_cross_entropy(
     weight, ignore_index, reduction, label_smoothing, z_loss, softcap, normalizer, zero_if_all_ignored
         As for :func:`crossent.jax.cross_entropy`.
     chunk_size : int, optional
-        Rows per chunk; by default as many as keep a chunk's float32 logits within 4 MiB, or, where
-        that would be fewer than 16 rows (more than 65536 classes), 64.
+        Rows per chunk; by default as many as keep a chunk's float32 logits within 16 MiB, or, where
+        that would be fewer than 64 rows (more than 65536 classes), 64 (with vocabulary chunks).
     vocab_chunk_size : int, optional
         Classes per vocabulary chunk: the loss takes an online log-sum-exp over the chunks and a second
         sweep for the gradients, so that no row's logits exist whole. By default none (whole rows)
-        unless the rows alone cannot keep a chunk within 4 MiB; then as many classes as fit.
+        unless the rows alone cannot keep a chunk within 16 MiB; then as many classes as keep 64 rows'
+        logits within 4 MiB (16384), and rows to fill 4 MiB when only this is given.
 
     Returns
     -------
@@ -335,9 +349,12 @@ def linear_cross_entropy(
         if vocab_chunk < 1:
             raise ValueError(f"vocab_chunk_size must be at least 1, got {vocab_chunk_size!r}")
     if chunk_size is None:
-        chunk = CHUNK_BYTES // (4 * (v if vocab_chunk is None else min(vocab_chunk, v)))
-        if chunk < MIN_ROWS and vocab_chunk is None:
-            chunk, vocab_chunk = VOCAB_ROWS, max(1, CHUNK_BYTES // (4 * VOCAB_ROWS))
+        if vocab_chunk is None:
+            chunk = CHUNK_BYTES // (4 * v)
+            if chunk < MIN_ROWS:
+                chunk, vocab_chunk = VOCAB_ROWS, max(1, VOCAB_BYTES // (4 * VOCAB_ROWS))
+        else:
+            chunk = VOCAB_BYTES // (4 * min(vocab_chunk, v))
         chunk = max(1, min(rows, chunk))
     else:
         chunk = validate.check_int(chunk_size, "chunk_size")

@@ -59,6 +59,12 @@ def softmax_cross_entropy(logits: Any, labels: Any, axis: Any = -1, where: Any =
     jax.Array
         The loss per example, the logits' shape without ``axis``.
 
+    Differences from optax: a logit of -inf where the label's probability is 0 contributes 0, as the
+    limit p log p -> 0 gives it (optax multiplies 0 by -inf: NaN; ``optax.safe_softmax_cross_entropy``
+    gives 0 too). bfloat16 and float16 logits are computed in float32 and the loss rounded once to
+    the input dtype; optax computes the log-softmax and the sum in the input dtype, so its result can
+    differ from crossent's by a unit in the last place of that dtype or more.
+
     Examples
     --------
     >>> import jax.numpy as jnp, crossent.jax as cj
@@ -103,9 +109,16 @@ def softmax_cross_entropy_with_integer_labels(logits: Any, labels: Any, axis: An
     jax.Array
         The loss per example.
 
+    Raises
+    ------
+    IndexError
+        A concrete label outside ``[0, C)``, naming it (C the number of classes on ``axis``).
+
     Differences from optax: a label outside ``[0, C)`` raises IndexError on concrete labels, and gives
     NaN under ``jit`` (optax gives NaN in both cases). Every integer value is a class index: there is no
-    ignore_index here.
+    ignore_index here. bfloat16 and float16 logits are computed in float32 and the loss rounded once
+    to the input dtype (optax's log-sum-exp and difference are rounded in the input dtype, so the two
+    can differ by a unit in the last place of that dtype or more).
 
     Examples
     --------
@@ -128,7 +141,7 @@ def softmax_cross_entropy_with_integer_labels(logits: Any, labels: Any, axis: An
         return jnp.where(jnp.any(w, axis=class_axis), out, jnp.zeros((), out.dtype))
     # No ignore_index in optax: any in-range value checks as "all in [0, C)", and the computation ignores
     # only the dtype's most negative value, whose loss is then set to NaN.
-    validate.check_class_indices(jnp, labels, n_classes, 0)
+    validate.check_class_indices(jnp, labels, n_classes, 0, name="labels", ignorable=False)
     signed = jnp.issubdtype(labels.dtype, jnp.signedinteger)
     sentinel = int(jnp.iinfo(labels.dtype).min) if signed else -1
     loss = cross_entropy(x, labels, reduction="none", axis=class_axis, ignore_index=sentinel)
