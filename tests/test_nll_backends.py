@@ -119,6 +119,25 @@ def test_second_derivative_through_the_weight():
     oracle.assert_close(gg.numpy(), ee.numpy(), torch.float64)
 
 
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_second_derivatives_with_ignored_rows(backend, reduction):
+    # The input gradient differentiated again, in the input and the weight, with ignore_index in the
+    # target: torch's own double backward (finite differences of the analytic first derivative).
+    x, _, w = _problem(seed=4)
+    x = x.reshape(2, 3, 5).permute(0, 2, 1).contiguous().requires_grad_(True)  # (N, C, d)
+    target = torch.tensor([[0, -100, 4], [1, 2, 2]])
+    wr = w.clone().requires_grad_(True)
+    with ct.use_backend(backend):
+        assert torch.autograd.gradgradcheck(lambda a, b: ct.nll_loss(a, target, b, reduction=reduction), (x, wr))
+        # d/ds of <d(s * loss)/dx, 1> is the input gradient summed: -(sum of w_y over counted rows) / denominator
+        s = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+        (gx,) = torch.autograd.grad(s * ct.nll_loss(x, target, w, reduction="sum"), x, create_graph=True)
+        (ds,) = torch.autograd.grad(gx.sum(), s)
+    counted = target[target != -100]
+    torch.testing.assert_close(ds, -w[counted].sum())
+
+
 def test_torch_compile_fullgraph():
     x, target, w = _problem(seed=3, dtype=torch.float32)
     xr = x.clone().requires_grad_(True)

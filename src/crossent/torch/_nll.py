@@ -93,7 +93,10 @@ def _input_grad(ctx: Any, grad_loss: torch.Tensor, input, target, weight, opts: 
     safe = torch.where(valid & inside, target, 0).long()
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     w_y = torch.ones((), dtype=acc, device=input.device) if weight is None else weight.to(acc)[safe]
-    coef = torch.where(inside, -w_y, torch.nan) * grad_loss.to(acc)
+    # NaN only where a counted class is out of range: an ignored row's factor is 0, so that nothing
+    # differentiating this gradient again (create_graph) meets a NaN that the mask below hides.
+    factor = torch.where(valid, torch.where(inside, -w_y, torch.nan), 0.0)
+    coef = factor * grad_loss.to(acc)
     if ctx.reduction == "mean":
         rows = math.prod(input.shape) // n_classes if n_classes else 0
         _denom, scale = mean_denominator_and_scale(target, weight, opts, rows=rows)
