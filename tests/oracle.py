@@ -206,12 +206,13 @@ def assert_close(actual: Any, expected: Any, dtype: Any, *, what: str = "", scal
 def token_stats(x: Any, target: Any, *, axis: int = -1, temperature: float = 1.0, ignore_index: int = -100) -> Any:
     """(log_prob, entropy, logsumexp) of x / temperature per position, from torch.log_softmax and
     torch.logsumexp on a float64 tensor (differentiable; 0 at ignored positions). The entropy is
-    lse - sum p z with z's -inf entries (p = 0) replaced by 0, so that 0 * -inf does not make NaN."""
+    -sum p log p over the classes with p > 0 (0 log 0 = 0, where log p is -inf), not lse - sum p z,
+    which cancels catastrophically when the logits are far from 0 (log 2 lost at z = 1e29)."""
     z = torch.movedim(x, axis, -1) / temperature
-    lse = torch.logsumexp(z, -1)
+    lse = _logsumexp(z, -1)
     log_p = torch.log_softmax(z, -1)
-    finite_z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
-    entropy = lse - (log_p.exp() * finite_z).sum(-1)
+    p = log_p.exp()
+    entropy = -(p * torch.where(p > 0, log_p, torch.zeros_like(log_p))).sum(-1)
     valid = target != ignore_index
     log_prob = log_p.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
     zero = torch.zeros_like(lse)

@@ -253,6 +253,29 @@ def test_numpy_rows_with_inf_or_nan_match_torch(native, dtype):
         np.testing.assert_allclose(g, e, rtol=3e-6, atol=3e-6)  # NaN where torch has NaN, inf where inf
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "reference"])
+@pytest.mark.parametrize(("dtype", "big"), [("float32", 1e20), ("float64", 1e30)])
+@pytest.mark.parametrize("temperature", [3.0, 0.001])
+def test_numpy_huge_finite_logits_with_a_temperature(rng, native, dtype, big, temperature):
+    # Finite logits far from 0: the maximum's shifted logit must be exactly 0 (a fused x / T - m gave
+    # log_prob 4.95e12 at x = 1e30, T = 3), values and gradients as float64 torch gives them.
+    x = np.array([[big, 0.0, -big, big / 2], [1.0, big, 2.0, -1.0], [big, big, 0.0, 0.0]], dtype=dtype)
+    y = np.array([0, 2, 1])
+    weights = _weights(rng, y.shape)
+    expected, grad = _oracle(x.astype(np.float64), y, 1, temperature, weights)
+    previous = use_native(native)
+    try:
+        got = crossent.token_stats(x, y, temperature=temperature)
+    finally:
+        use_native(previous)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-6)
+    xt = torch.tensor(x, requires_grad=True)
+    s = ct.token_stats(xt, torch.tensor(y), temperature=temperature)
+    sum((w.to(xt.dtype) * v).sum() for w, v in zip(weights, s, strict=True)).backward()
+    np.testing.assert_allclose(xt.grad.double().numpy(), grad, rtol=1e-6, atol=1e-12)
+
+
 @pytest.mark.parametrize("torch_ops", [False, True], ids=["kernel", "torch-ops"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_torch_rows_with_inf_or_nan_match_torch(rng, torch_ops, dtype):

@@ -1461,17 +1461,20 @@ void token_stats_typed(const TokenStatsCall& call) {
             C xm = -inf;
 #pragma omp simd reduction(max : xm)
             for (int64_t c = 0; c < n; ++c) xm = std::max(xm, Elem<T>::load(xr[c]));
-            // max(x) / T = max(x / T) (rounding is monotonic); a row of all -inf, or holding +inf or NaN,
-            // is shifted by 0, and IEEE arithmetic gives torch's NaN (or inf) for that row alone.
-            C m = xm * inv_t;
-            if (!(std::abs(m) < inf)) m = 0;
+            // Shifted before tempering, d_c = (x_c - max(x)) / T, which is exactly 0 at the maximum: the
+            // form x_c / T - max(x) / T lets the compiler fuse x_c * (1/T) - m into one FMA whose exact
+            // product differs from the rounded m (by 1e14 at x = 1e30), a finite wrong log-probability.
+            // A row of all -inf, or holding +inf or NaN, is shifted by 0, and IEEE arithmetic gives
+            // torch's NaN (or inf) for that row alone.
+            const C shift = std::abs(xm) < inf ? xm : C(0);
+            const C m = shift * inv_t;
             double s = 0.0, u = 0.0;
             for (int64_t b = 0; b < n; b += kSumBlock) {
                 const int64_t e_end = std::min(n, b + kSumBlock);
                 C ps = 0, pu = 0;
 #pragma omp simd reduction(+ : ps, pu)
                 for (int64_t c = b; c < e_end; ++c) {
-                    const C d = Elem<T>::load(xr[c]) * inv_t - m;
+                    const C d = (Elem<T>::load(xr[c]) - shift) * inv_t;
                     const C e = vexp(d);
                     ps += e;
                     pu += e > 0 ? e * d : C(0);
@@ -1495,7 +1498,7 @@ void token_stats_typed(const TokenStatsCall& call) {
             }
             const double log_s = std::log(s);
             const double entropy = log_s - u / s;
-            const double dy = static_cast<double>(Elem<T>::load(xr[y]) * inv_t - m);
+            const double dy = static_cast<double>((Elem<T>::load(xr[y]) - shift) * inv_t);
             put(call.log_prob, r, dy - log_s);
             put(call.entropy, r, entropy);
             put(call.logsumexp, r, static_cast<double>(m) + log_s);
@@ -1510,7 +1513,7 @@ void token_stats_typed(const TokenStatsCall& call) {
             Store<T>* gr = grad + r * n;
 #pragma omp simd
             for (int64_t c = 0; c < n; ++c) {
-                const C d = Elem<T>::load(xr[c]) * inv_t - m;
+                const C d = (Elem<T>::load(xr[c]) - shift) * inv_t;
                 const C p = vexp(d) * inv_s;
                 gr[c] = Elem<T>::store((p > 0 ? p * (a - g_ent * (d - ls)) : C(0)) * inv_t);
             }
