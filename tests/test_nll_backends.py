@@ -148,3 +148,19 @@ def test_torch_compile_fullgraph():
     expected.backward()
     oracle.assert_close(loss.detach().double().numpy(), expected.detach().numpy(), torch.float32)
     oracle.assert_close(xr.grad.double().numpy(), x64.grad.numpy(), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch_under_a_named_backend(backend, reduction):
+    # Nothing to compute: every named CPU backend returns torch's NaN mean, 0 sum or empty rows, and a
+    # gradient of the input's (empty) shape, for cross_entropy and nll_loss alike.
+    for ours, theirs in ((ct.cross_entropy, F.cross_entropy), (ct.nll_loss, F.nll_loss)):
+        x = torch.empty(0, 5, dtype=torch.float64, requires_grad=True)
+        target = torch.empty(0, dtype=torch.long)
+        with ct.use_backend(backend):
+            loss = ours(x, target, reduction=reduction)
+        expected = theirs(x.detach(), target, reduction=reduction)
+        torch.testing.assert_close(loss.detach(), expected, equal_nan=True)
+        loss.sum().backward()
+        assert x.grad is not None and x.grad.shape == (0, 5)

@@ -35,7 +35,8 @@ class use_backend:
     - ``"torch"``: crossent's semantics as torch operations on row chunks, on any device.
 
     A backend that cannot run a call raises ``RuntimeError`` (``TypeError`` for a dtype it does not
-    take) naming why.
+    take) naming why. An empty batch has nothing to compute: on CPU tensors every backend returns
+    torch's result for it (a NaN mean, a 0 sum, no rows).
 
     Examples
     --------

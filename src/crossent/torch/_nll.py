@@ -29,6 +29,8 @@ def compute_nll(
 ) -> torch.Tensor:
     """The reduced NLL loss, in the input's dtype, from the chosen backend."""
     backend = _backend.resolve(input)
+    if backend == "native" and input.numel() == 0:
+        backend = "torch"  # nothing to compute: an empty batch's NaN mean, 0 sum or empty rows, as torch's
     if backend == "native":
         x = _numpy_view(input.contiguous())
         if x is not None and _native.supports(x):
@@ -39,8 +41,7 @@ def compute_nll(
             w = None if weight is None else _numpy_view(weight.contiguous())
             return _as_tensor(_native.KERNEL.nll_loss(x, t, w, shape, run_opts), input.dtype)
         if _backend.explicit():
-            reason = "an empty input" if input.numel() == 0 else f"{input.dtype} tensors (bfloat16 needs ml_dtypes)"
-            raise _backend.native_unavailable(f"it does not take {reason}")
+            raise _backend.native_unavailable(f"it does not take {input.dtype} tensors (bfloat16 needs ml_dtypes)")
         backend = "torch"
     if backend == "triton":
         from . import _triton
