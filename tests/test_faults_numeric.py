@@ -270,6 +270,17 @@ def test_item2_normalizer_zero_divides_by_zero_or_gives_zero(path, kind):
     assert loss == 0 and (grad == 0).all(), (path, kind, loss, grad)
 
 
+@pytest.mark.parametrize("path", list(LOSS_PATHS))
+def test_item2_zero_if_all_ignored_zero_gradient_on_a_row_with_no_finite_logit(path):
+    # A counted row whose every logit is -inf, of class weight 0: torch's denominator is 0, and
+    # zero_if_all_ignored's loss and gradient are exactly 0 (its softmax is NaN, and 0 * NaN is not 0).
+    # Found by tests/test_differential.py on the reference path; the kernel shared it.
+    x = np.array([[-INF, -INF], [0.5, -1.0]])
+    y = np.array([0, -100])
+    loss, grad = LOSS_PATHS[path](x.copy(), y, weight=np.array([0.0, 1.0]), zero_if_all_ignored=True)
+    assert loss == 0 and (grad == 0).all(), (path, loss, grad)
+
+
 @pytest.mark.parametrize("value", [-1.0, NAN, INF])
 @pytest.mark.parametrize("kind", ["python float", "numpy 0-d", "torch 0-d"])
 def test_item2_bad_normalizers_raise_wherever_they_can_be_read(value, kind):

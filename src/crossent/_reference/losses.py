@@ -181,6 +181,10 @@ def _cross_entropy(
     dx = g * dx
     if opts.softcap is not None:
         dx = dx * (1.0 - tanh_x**2)
+    if opts.reduction == "mean" and opts.zero_if_all_ignored:
+        # zero_if_all_ignored's gradient for a denominator of 0 is exactly 0, also on a counted row with
+        # no finite logit, whose NaN softmax times the 0 upstream gradient would be NaN.
+        dx = xp.where(denominator == 0, zero, dx)
     if valid is not None:
         # where, not a multiply by the mask, and after the soft cap's factor: an ignored row may hold
         # NaN (all -inf or NaN logits) or meet an infinite upstream gradient (mean over no target),
