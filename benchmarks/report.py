@@ -135,17 +135,29 @@ def render_linear(name: str, result: dict[str, Any]) -> str:
     for case in dict.fromkeys(r["case"] for r in result["linear"]):
         rows = [r for r in result["linear"] if r["case"] == case]
         naive = next((r for r in rows if r["variant"] == "naive"), None)
-        lines += [f"**{case}**", "", "| variant | forward+backward | extra peak memory |", "|---|---|---|"]
+        lines += [
+            f"**{case}**",
+            "",
+            "| variant | first step | steady step (best) | extra peak | overhead beyond the returned gradients |",
+            "|---|---|---|---|---|",
+        ]
         for r in rows:
-            time_cell, memory_cell = fmt_time(r.get("seconds")), f"{r.get('extra_peak_mib') or 0:.0f} MiB"
-            if naive and r is not naive and r.get("seconds") and naive.get("seconds"):
-                time_cell += f" ({r['seconds'] / naive['seconds']:.2f}× naive)"
-                memory_cell += f" ({100 * (r.get('extra_peak_mib') or 0) / naive['extra_peak_mib']:.0f}% of naive)"
-            lines.append(f"| {labels.get(r['variant'], r['variant'])} | {time_cell} | {memory_cell} |")
+            steady, overhead = r.get("seconds_best", r.get("seconds")), r.get("overhead_mib")
+            steady_cell, overhead_cell = fmt_time(steady), "–" if overhead is None else f"{overhead:.0f} MiB"
+            if naive and r is not naive and steady and naive.get("seconds_best", naive.get("seconds")):
+                steady_cell += f" ({steady / naive.get('seconds_best', naive.get('seconds')):.2f}× naive)"
+                if overhead is not None and naive.get("overhead_mib"):
+                    overhead_cell += f" ({100 * overhead / naive['overhead_mib']:.1f}% of naive's)"
+            lines.append(
+                f"| {labels.get(r['variant'], r['variant'])} | {fmt_time(r.get('seconds_first'))} | {steady_cell} | "
+                f"{r.get('extra_peak_mib') or 0:.0f} MiB | {overhead_cell} |"
+            )
         lines.append("")
     lines.append(
-        "Each variant in a process of its own; extra peak = peak RSS during one forward+backward minus RSS "
-        "with the inputs in place."
+        "Each variant in a process of its own: its first step, then the best of the steady steps after it. "
+        "Extra peak: peak RSS during the steps minus RSS with the inputs in place. Overhead: the extra peak "
+        "less the gradients every variant returns (input and weight gradients in the parameters' dtype), "
+        "with what is kept between steps (crossent's buffer cache) counted."
     )
     return "\n".join(lines)
 
@@ -170,6 +182,50 @@ def render_distributed(name: str, result: dict[str, Any]) -> str:
             f"{result['gathered_logits_bytes'] / 2**20:.0f} MiB to gather the logits.",
         ]
     )
+
+
+_JAX_IMPLS = (
+    ("crossent.jax (auto)", "crossent.jax"),
+    ("crossent.jax (jnp)", "crossent.jax, jnp backend"),
+    ("optax", "optax"),
+    ("jax.nn.logsumexp", "`jax.nn.logsumexp` by hand"),
+    ("numpy kernel", "crossent, NumPy kernel"),
+    ("fresh-buffer floor", "fresh-buffer floor"),
+)
+
+
+def render_jax(name: str, result: dict[str, Any]) -> str:
+    """crossent.jax under jit (benchmarks/jax_losses.py): each loss's best time per shape, mode and where
+    the logits come from, the ratio to crossent.jax's; then the linear loss's memory and time."""
+    env = result.get("malloc_env") or {}
+    allocator = ", ".join(f"`{k}={v}`" for k, v in env.items()) or "glibc's default allocator settings"
+    cases = dict.fromkeys((tuple(r["shape"]), r["mode"], r["logits"]) for r in result["losses"])
+    best = {(tuple(r["shape"]), r["mode"], r["logits"], r["impl"]): r for r in result["losses"]}
+    lines = [machine_line(name, result["machine"]) + f" Allocator: {allocator}.", ""]
+    lines.append("| case | " + " | ".join(label for _, label in _JAX_IMPLS) + " |")
+    lines.append("|" + "---|" * (len(_JAX_IMPLS) + 1))
+    for shape, mode, logits in cases:
+        cells = [f"{'x'.join(map(str, shape))} {mode}, logits {'as argument' if logits == 'argument' else logits}"]
+        for impl, _ in _JAX_IMPLS:
+            row = best.get((shape, mode, logits, impl))
+            cells.append("–" if row is None else fmt_time(row["best_ms"] / 1e3) + fmt_ratio(row["vs_crossent"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    lin = result["linear"]
+    mib = {k: v["temp_bytes"] / 2**20 for k, v in lin["memory"].items()}
+    lines += [
+        "",
+        "Best of the rounds, each implementation timed in turns in one process; (×) is the time over "
+        "crossent.jax's. value_and_grad with the logits inside differentiates through `x * s`; the floor "
+        "is the first touch of a new buffer of the logits' size (no loss computed).",
+        "",
+        f"Linear loss, N={lin['n']} D={lin['d']} V={lin['v']} float32, `value_and_grad` with respect to hidden "
+        f"and kernel: compiled temporaries {mib['linear']:.1f} MiB against the naive `hidden @ kernel` loss's "
+        f"{mib['naive']:.1f} MiB ({100 * lin['temp_beyond_gradient_ratio']:.1f}% of it beyond the D×V "
+        f"gradient accumulator), time {lin['time_ratio']:.2f}× naive's (median {lin['median_time_ratio']:.2f}×); "
+        f"with vocabulary chunks {mib['linear (vocab chunks)']:.1f} MiB, {lin['vocab_time_ratio']:.2f}× "
+        "naive's time.",
+    ]
+    return "\n".join(lines)
 
 
 # ---- charts --------------------------------------------------------------------------------------
@@ -213,6 +269,11 @@ class Chart:
 
 
 KERNEL_COMMAND = "python benchmarks/kernel.py --out benchmarks/results/reference-run.json"
+JAX_COMMAND = "python benchmarks/jax_losses.py --out benchmarks/results/jax-reference-run.json"
+JAX_MALLOC_COMMAND = (
+    "MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_ARENA_MAX=1 "
+    "python benchmarks/jax_losses.py --out benchmarks/results/jax-malloc-run.json"
+)
 SECTIONS = [
     Section("kernel", "README.md", "reference-run.json", render_kernel, KERNEL_COMMAND),
     Section("kernel", "docs/design/benchmarking.md", "reference-run.json", render_kernel, KERNEL_COMMAND),
@@ -223,6 +284,8 @@ SECTIONS = [
         render_linear,
         "python benchmarks/linear.py --out benchmarks/results/linear-reference-run.json",
     ),
+    Section("jax", "docs/jax-ffi.md", "jax-reference-run.json", render_jax, JAX_COMMAND),
+    Section("jax-malloc", "docs/jax-ffi.md", "jax-malloc-run.json", render_jax, JAX_MALLOC_COMMAND),
     Section(
         "distributed",
         "docs/design/vocab-parallel.md",

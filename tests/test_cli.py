@@ -316,3 +316,33 @@ def test_info_names_the_gpu_and_triton(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     assert cli._gpu_info(versions) == "NVIDIA H200 (CUDA 12.8); crossent.torch runs Triton 3.9.0 kernels"
     assert "torch ops (triton is not installed)" in cli._gpu_info({"torch": "2", "triton": None})
+
+
+def test_explain_shows_each_option_term_and_they_add_up_to_the_loss():
+    # label smoothing (with weights), z-loss and a soft cap: each row's shown terms sum to its loss, and
+    # that loss is the oracle's (torch in float64, z-loss and soft cap by hand).
+    raw = np.array([[1.0, 2, 3], [3, 2, 1], [0.5, -4, 2]])
+    w, eps, z, cap = np.array([1, 2, 0.5]), 0.1, 0.01, 2.0
+    result = run(
+        "explain", "--logits", "1,2,3;3,2,1;0.5,-4,2", "--target", "2,0,-100", "--weight", "1,2,0.5",
+        "--label-smoothing", "0.1", "--z-loss", "0.01", "--softcap", "2", "--reduction", "none", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["traces"][0]["rows"]
+    expected = _oracle().cross_entropy(raw, np.array([2, 0, -100]), w, reduction="none", label_smoothing=eps,
+                                       z_loss=z, softcap=cap).loss  # fmt: skip
+    for row, want in zip(rows, expected, strict=True):
+        x = cap * np.tanh(np.array(row["logits"]) / cap)
+        np.testing.assert_allclose(row["capped_logits"], x, rtol=1e-12)
+        if row["ignored"]:
+            assert row["loss"] == row["smoothing"] == row["z_term"] == 0
+            continue
+        lse = np.log(np.sum(np.exp(x)))
+        assert row["smoothing"] == pytest.approx(eps / 3 * np.sum(w * (lse - x)), rel=1e-12)
+        assert row["z_term"] == pytest.approx(z * lse**2, rel=1e-12)
+        shown = (1 - eps) * row["weight"] * (row["minus_target_logit"] + row["logsumexp"]) + row["smoothing"]
+        assert shown + row["z_term"] == pytest.approx(want, rel=1e-12) == pytest.approx(row["loss"], rel=1e-12)
+    plain = run("explain", "--logits", "1,2,3", "--target", "2", "--label-smoothing", "0.1", "--z-loss", "0.01",
+                "--softcap", "2", "--plain").stdout  # fmt: skip
+    for text in ("capped logits x", "smoothing", "z-loss", "(1 - 0.1) * w[class]", "2 * tanh(logits / 2)"):
+        assert text in plain

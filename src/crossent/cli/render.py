@@ -31,21 +31,27 @@ def _target_cell(row: Any) -> str:
 
 
 def _table_rows(trace: Trace) -> tuple[list[str], list[list[str]]]:
-    header = ["row", "logits x", "target", "max m", "logsumexp", "-x[class]", "w[class]", "loss"]
+    o = trace.options
+    smoothing = o.label_smoothing > 0 and not trace.probability_target
+    logits = "capped logits x" if o.softcap is not None else "logits x"
+    header = ["row", logits, "target", "max m", "logsumexp", "-x[class]", "w[class]"]
+    header += ["smoothing"] * smoothing + ["z-loss"] * (o.z_loss > 0) + ["loss"]
     body = []
     for row in trace.rows:
-        body.append(
-            [
-                ",".join(map(str, row.index)) or "0",
-                _logits_cell(row.logits),
-                _target_cell(row),
-                f"{row.max:.4f}",
-                f"{row.logsumexp:.4f}",
-                "-" if row.minus_target_logit is None else f"{row.minus_target_logit:+.4f}",
-                f"{row.weight:g}",
-                f"{row.loss:.4f}",
-            ]
-        )
+        cells = [
+            ",".join(map(str, row.index)) or "0",
+            _logits_cell(row.logits if row.capped_logits is None else row.capped_logits),
+            _target_cell(row),
+            f"{row.max:.4f}",
+            f"{row.logsumexp:.4f}",
+            "-" if row.minus_target_logit is None else f"{row.minus_target_logit:+.4f}",
+            f"{row.weight:g}",
+        ]
+        if smoothing:
+            cells.append("-" if row.smoothing is None else f"{row.smoothing:.4f}")
+        if o.z_loss > 0:
+            cells.append("-" if row.z_term is None else f"{row.z_term:.4f}")
+        body.append([*cells, f"{row.loss:.4f}"])
     return header, body
 
 
@@ -99,8 +105,33 @@ def _heading(trace: Trace) -> list[str]:
     return [
         f"== {trace.title} ==",
         f"logits of shape {trace.shape}, classes on axis {trace.class_axis}, targets are {kind}; {', '.join(opts)}",
-        "per row: loss = w[class] * (-x[class] + logsumexp(x)),  logsumexp(x) = m + log(sum_j exp(x_j - m))",
+        *_formula(trace),
     ]
+
+
+def _formula(trace: Trace) -> list[str]:
+    """The per-row formula, with a term for each option that adds one (torch's label smoothing, with
+    weights; crossent's z-loss and soft cap)."""
+    o = trace.options
+    lines = []
+    if o.softcap is not None:
+        lines.append(f"capped logits: x = {o.softcap:g} * tanh(logits / {o.softcap:g})  (softcap)")
+    if trace.probability_target:
+        eps = f", t' = (1 - {o.label_smoothing:g}) t + {o.label_smoothing:g} / C" if o.label_smoothing else ""
+        loss = f"sum_c w[c] * t'[c] * (logsumexp(x) - x[c]){eps or ', t = the target probabilities'}"
+    elif o.label_smoothing:
+        eps = f"{o.label_smoothing:g}"
+        loss = f"(1 - {eps}) * w[class] * (-x[class] + logsumexp(x)) + smoothing,"
+        lines.append(f"per row: loss = {loss}  smoothing = {eps} / C * sum_c w[c] * (logsumexp(x) - x[c])")
+        loss = ""
+    else:
+        loss = "w[class] * (-x[class] + logsumexp(x))"
+    if loss:
+        lines.append(f"per row: loss = {loss}")
+    if o.z_loss:
+        lines.append(f"  + z-loss = {o.z_loss:g} * logsumexp(x)^2 on every row that counts")
+    lines.append("logsumexp(x) = m + log(sum_j exp(x_j - m)),  m = max_j x_j")
+    return lines
 
 
 def render_plain(trace: Trace) -> str:

@@ -63,6 +63,9 @@ class Row:
     weight: float  # w[class], or 1 (0 when ignored)
     loss: float
     probabilities: list[float]
+    capped_logits: list[float] | None = None  # softcap * tanh(logits / softcap), with softcap
+    smoothing: float | None = None  # eps / C * sum_c w[c] * (logsumexp - x[c]), class indices with eps > 0
+    z_term: float | None = None  # z_loss * logsumexp ** 2, with z_loss > 0
 
 
 @dataclass
@@ -145,6 +148,14 @@ def _build_trace(
             ignored = y == options.ignore_index
             w_y = 0.0 if ignored else float(weight[y])
             minus_x = None if ignored else float(-x[y])
+        # The terms the options add to the row's loss (each 0 on an ignored row): label smoothing's share
+        # of the uniform target (a probability target holds it inside its smoothed t'), the z-loss.
+        eps, smoothing, z_term = options.label_smoothing, None, None
+        if eps > 0 and not probability:
+            terms = np.where(weight > 0, weight * (lse[pos] - x), 0.0)  # 0 * (lse - -inf) = 0
+            smoothing = 0.0 if ignored else float(eps / n_classes * np.sum(terms))
+        if options.z_loss > 0:
+            z_term = 0.0 if ignored else float(options.z_loss * lse[pos] ** 2)
         rows.append(
             Row(
                 index=tuple(int(i) for i in pos),
@@ -157,6 +168,9 @@ def _build_trace(
                 weight=w_y,
                 loss=float(per_element[pos]),
                 probabilities=[float(v) for v in probs[pos]],
+                capped_logits=None if options.softcap is None else [float(v) for v in x],
+                smoothing=smoothing,
+                z_term=z_term,
             )
         )
     total = float(np.sum(per_element))
