@@ -1229,19 +1229,7 @@ double with_element_type(DType dtype, F f) {
 }
 
 template <class T>
-double cross_entropy_typed(const LossCall& call) {
-    if (call.grad && call.reduction == Reduction::mean && call.zero_if_all_ignored &&
-        mean_denominator<Compute<T>>(call) == 0) {
-        // zero_if_all_ignored over a denominator of 0: the loss 0 and a gradient of exactly 0, also on a
-        // counted row with no finite logit, whose NaN softmax times the 0 upstream gradient is NaN.
-        LossCall loss_only = call;
-        loss_only.grad = nullptr;
-        const double loss = cross_entropy_typed<T>(loss_only);
-        const Layout& L = call.layout;
-        Store<T>* g = static_cast<Store<T>*>(call.grad);
-        std::fill(g, g + L.outer * L.classes * L.inner, Elem<T>::store(Compute<T>(0)));
-        return loss;
-    }
+double cross_entropy_layout(const LossCall& call) {
     const bool cap = call.softcap > 0;
     if (call.layout.inner == 1) {
         if (call.layout.classes <= kSmallClasses) {
@@ -1250,6 +1238,26 @@ double cross_entropy_typed(const LossCall& call) {
         return cap ? cross_entropy_rows<T, true>(call) : cross_entropy_rows<T, false>(call);
     }
     return cap ? cross_entropy_tiles<T, true, false>(call) : cross_entropy_tiles<T, false, false>(call);
+}
+
+template <class T>
+double cross_entropy_typed(const LossCall& call) {
+    if (!(call.grad && call.reduction == Reduction::mean && call.zero_if_all_ignored)) {
+        return cross_entropy_layout<T>(call);
+    }
+    // zero_if_all_ignored over a denominator of 0: the loss 0 and a gradient of exactly 0, also on a
+    // counted row with no finite logit, whose NaN softmax times the 0 upstream gradient is NaN. The
+    // denominator is found once, here, and handed down as the normalizer (what mean divides by).
+    LossCall known = call;
+    known.has_normalizer = true;
+    known.normalizer = mean_denominator<Compute<T>>(call);
+    if (known.normalizer != 0) return cross_entropy_layout<T>(known);
+    known.grad = nullptr;
+    const double loss = cross_entropy_layout<T>(known);
+    const Layout& L = call.layout;
+    Store<T>* g = static_cast<Store<T>*>(call.grad);
+    std::fill(g, g + L.outer * L.classes * L.inner, Elem<T>::store(Compute<T>(0)));
+    return loss;
 }
 
 double cross_entropy(const LossCall& call) {
