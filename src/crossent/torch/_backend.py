@@ -76,7 +76,8 @@ def resolve(x: torch.Tensor) -> str:
     """``"native"``, ``"triton"`` or ``"torch"``: what runs a loss on ``x``'s device and dtype.
 
     ``"native"`` from auto is a wish: the caller falls back to ``"torch"`` where the kernel does not
-    take the arrays (see native_unavailable); from an explicit choice it must run or raise.
+    take the arrays (see native_unavailable); from an explicit choice it must run or raise, except on
+    an empty ``x``, which has nothing to compute and gets ``"torch"``.
     """
     name = _state["backend"]
     device = x.device.type
@@ -92,6 +93,8 @@ def resolve(x: torch.Tensor) -> str:
         raise RuntimeError(
             f"crossent.torch.use_backend('native'): the native kernel is not built ({_native.load_error})"
         )
+    if name == "native" and x.numel() == 0:
+        return "torch"  # nothing to compute: an empty batch's NaN mean, 0 sum or empty rows, as torch's
     if name == "triton":
         if not triton_importable():
             raise RuntimeError("crossent.torch.use_backend('triton'): triton is not installed (pip install triton)")

@@ -29,8 +29,6 @@ def compute_nll(
 ) -> torch.Tensor:
     """The reduced NLL loss, in the input's dtype, from the chosen backend."""
     backend = _backend.resolve(input)
-    if backend == "native" and input.numel() == 0:
-        backend = "torch"  # nothing to compute: an empty batch's NaN mean, 0 sum or empty rows, as torch's
     if backend == "native":
         x = _numpy_view(input.contiguous())
         if x is not None and _native.supports(x):

@@ -128,8 +128,6 @@ def compute_loss_and_grad(
     chooses. ``in_place``: write the gradient over the (contiguous) input where the backend can, and
     return the input as the gradient then; the caller copies it over otherwise."""
     backend = _backend.resolve(input)
-    if backend == "native" and input.numel() == 0:
-        backend = "torch"  # nothing to compute: an empty batch's NaN mean, 0 sum or empty rows, as torch's
     if backend == "native":
         run_opts = opts
         if opts.normalizer is not None:
