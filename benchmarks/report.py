@@ -122,6 +122,11 @@ def render_kernel(name: str, result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _steady_seconds(row: dict[str, Any]) -> float | None:
+    """A linear-suite variant's best steady step (results before steady steps were timed: its one step)."""
+    return row.get("seconds_best", row.get("seconds"))
+
+
 def render_linear(name: str, result: dict[str, Any]) -> str:
     """The linear + cross-entropy suite (benchmarks/linear.py): time and extra peak memory per variant."""
     labels = {
@@ -142,10 +147,10 @@ def render_linear(name: str, result: dict[str, Any]) -> str:
             "|---|---|---|---|---|",
         ]
         for r in rows:
-            steady, overhead = r.get("seconds_best", r.get("seconds")), r.get("overhead_mib")
+            steady, overhead = _steady_seconds(r), r.get("overhead_mib")
             steady_cell, overhead_cell = fmt_time(steady), "–" if overhead is None else f"{overhead:.0f} MiB"
-            if naive and r is not naive and steady and naive.get("seconds_best", naive.get("seconds")):
-                steady_cell += f" ({steady / naive.get('seconds_best', naive.get('seconds')):.2f}× naive)"
+            if naive and r is not naive and steady and _steady_seconds(naive):
+                steady_cell += f" ({steady / _steady_seconds(naive):.2f}× naive)"
                 if overhead is not None and naive.get("overhead_mib"):
                     overhead_cell += f" ({100 * overhead / naive['overhead_mib']:.1f}% of naive's)"
             lines.append(
