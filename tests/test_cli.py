@@ -346,3 +346,16 @@ def test_explain_shows_each_option_term_and_they_add_up_to_the_loss():
                 "--softcap", "2", "--plain").stdout  # fmt: skip
     for text in ("capped logits x", "smoothing", "z-loss", "(1 - 0.1) * w[class]", "2 * tanh(logits / 2)"):
         assert text in plain
+
+
+def test_explain_smoothing_term_with_a_negative_class_weight():
+    # torch takes any class weights: a negative one still adds its share of the smoothing term.
+    x, w, eps = np.array([1.0, 2, 3]), np.array([1, -2, 0.5]), 0.1
+    result = run("explain", "--logits", "1,2,3", "--target", "2", "--weight", "1,-2,0.5", "--label-smoothing", "0.1",
+                 "--reduction", "none", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)["traces"][0]["rows"][0]
+    lse = np.log(np.sum(np.exp(x)))
+    assert row["smoothing"] == pytest.approx(eps / 3 * np.sum(w * (lse - x)), rel=1e-12)
+    expected = _oracle().cross_entropy(x[None], np.array([2]), w, reduction="none", label_smoothing=eps).loss[0]
+    assert (1 - eps) * 0.5 * (lse - 3) + row["smoothing"] == pytest.approx(expected, rel=1e-12)

@@ -152,7 +152,7 @@ def _build_trace(
         # of the uniform target (a probability target holds it inside its smoothed t'), the z-loss.
         eps, smoothing, z_term = options.label_smoothing, None, None
         if eps > 0 and not probability:
-            terms = np.where(weight > 0, weight * (lse[pos] - x), 0.0)  # 0 * (lse - -inf) = 0
+            terms = np.where(weight != 0, weight * (lse[pos] - x), 0.0)  # a 0 weight at -inf adds 0
             smoothing = 0.0 if ignored else float(eps / n_classes * np.sum(terms))
         if options.z_loss > 0:
             z_term = 0.0 if ignored else float(options.z_loss * lse[pos] ** 2)
