@@ -204,7 +204,18 @@ def test_linear_token_stats_float32(rng, torch_ops, bias, temperature, chunk_siz
         np.testing.assert_allclose(leaf.grad.double().numpy(), e, rtol=1e-4, atol=1e-4)
 
 
-def test_linear_token_stats_batch_shape_and_bfloat16(rng):
+@pytest.mark.parametrize("matmul", ["float32", "bfloat16"])
+@pytest.mark.parametrize("chunk_size", [4, None], ids=["rows", "vocab-blocks"])
+def test_linear_token_stats_batch_shape_and_bfloat16(rng, matmul, chunk_size, monkeypatch):
+    # Both matmul paths whatever this CPU has (float32 where it lacks bfloat16 matrix instructions,
+    # bfloat16 where it has them), several class blocks (the last shorter) and vocabulary blocks.
+    from crossent.torch import _linear, _token_stats
+
+    for module in (_linear, _token_stats):
+        monkeypatch.setattr(module, "_matmul_dtype", lambda t: getattr(torch, matmul))
+    monkeypatch.setattr(_linear, "_MATMUL_CLASS_BLOCK", 64)
+    monkeypatch.setattr(_token_stats, "_MIN_VOCAB_BLOCK", 1)
+    monkeypatch.setattr(_token_stats, "_CHUNK_BUDGET_BYTES", 15 * 200 * 10)
     b_, t_, d, v = 3, 5, 32, 500
     h = rng.normal(size=(b_, t_, d))
     W = rng.normal(size=(v, d)) / d**0.5 * 2
@@ -216,7 +227,7 @@ def test_linear_token_stats_batch_shape_and_bfloat16(rng):
         hb.double().reshape(-1, d).numpy(), Wb.double().numpy(), None, y.reshape(-1), 1.2, weights
     )
     ht, Wt = hb.clone().requires_grad_(True), Wb.clone().requires_grad_(True)
-    s = ct.linear_token_stats(ht, Wt, torch.tensor(y), temperature=1.2, chunk_size=4)
+    s = ct.linear_token_stats(ht, Wt, torch.tensor(y), temperature=1.2, chunk_size=chunk_size)
     assert all(tuple(v.shape) == (b_, t_) and v.dtype == torch.bfloat16 for v in s)
     sum((w.reshape(b_, t_).to(torch.bfloat16) * v).sum() for w, v in zip(weights, s, strict=True)).backward()
     for g, e in zip(s, expected, strict=True):

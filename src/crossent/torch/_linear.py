@@ -192,7 +192,7 @@ def _linear_into(out: torch.Tensor, x: torch.Tensor, W: torch.Tensor, b: torch.T
     """x @ W.T + b into a preallocated buffer, in the buffer's dtype (x is in it already; W and b are
     converted a block at a time): no allocation (and no page faults) per chunk."""
     for v0, v1 in _class_blocks(W.shape[0]):
-        W_block = W[v0:v1].to(out.dtype)
+        W_block = _converted(W[v0:v1], out.dtype)
         if b is None:
             torch.mm(x, W_block.t(), out=out[:, v0:v1])
         else:
@@ -204,9 +204,9 @@ def _input_grad(dlogits: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """dlogits @ W in dlogits' dtype, W converted a block at a time when the dtypes differ."""
     if W.dtype == dlogits.dtype:
         return dlogits @ W
-    out = torch.zeros(dlogits.shape[0], W.shape[1], dtype=dlogits.dtype, device=dlogits.device)
+    out = _buffer((dlogits.shape[0], W.shape[1]), dlogits.dtype, dlogits.device, zero=True)
     for v0, v1 in _class_blocks(W.shape[0]):
-        out.addmm_(dlogits[:, v0:v1], W[v0:v1].to(dlogits.dtype))
+        out.addmm_(dlogits[:, v0:v1], _converted(W[v0:v1], dlogits.dtype))
     return out
 
 
@@ -242,7 +242,7 @@ def _sweep(
             if one_pass:
                 _write_weight_grad(dW, dlogits, x_c)
             else:
-                dW.addmm_(dlogits.t().to(dW.dtype), x_c.to(dW.dtype))  # float32 accumulation over chunks
+                dW.addmm_(_converted(dlogits, dW.dtype).t(), _converted(x_c, dW.dtype))  # float32 accumulation over chunks
             if db is not None:
                 db += dlogits.sum(0, dtype=db.dtype)
     return per_row, grads
@@ -257,34 +257,53 @@ def add_block_grads(
     and dW[v0:v1] = dlogits.T @ x_c written ``once`` in dW's dtype (all the rows are in the chunk), else
     added to the float32 dW accumulated over row chunks."""
     W_block = W[v0:v1]
-    if x_c.dtype == dx_c.dtype:  # float32 matmuls: added in place, W converted a block at a time
-        g = dlogits.to(dx_c.dtype)
-        for c0, c1 in _class_blocks(v1 - v0):
-            dx_c.addmm_(g[:, c0:c1], W_block[c0:c1].to(dx_c.dtype))
-    else:
-        dx_c += _input_grad(dlogits.to(x_c.dtype), W_block).to(dx_c.dtype)
-    if once:
-        _write_weight_grad(dW[v0:v1], dlogits, x_c)
-    else:
-        dW[v0:v1].addmm_(dlogits.t().to(dW.dtype), x_c.to(dW.dtype))  # float32 accumulation over chunks
     if db is not None:
         db[v0:v1] += dlogits.sum(0, dtype=db.dtype)
+    if not once:
+        dW[v0:v1].addmm_(_converted(dlogits, dW.dtype).t(), _converted(x_c, dW.dtype))  # float32 accumulation over chunks
+    g = _converted(dlogits, x_c.dtype)  # the matmuls' dtype, once for both products
+    if x_c.dtype == dx_c.dtype:  # float32 matmuls: added in place, W converted a block at a time
+        for c0, c1 in _class_blocks(v1 - v0):
+            dx_c.addmm_(g[:, c0:c1], _converted(W_block[c0:c1], dx_c.dtype))
+    else:  # half-precision matrix instructions: each class block's product added into float32
+        product = _buffer((g.shape[0], dx_c.shape[1]), g.dtype, g.device)
+        for c0, c1 in _class_blocks(v1 - v0):
+            dx_c += torch.mm(g[:, c0:c1], _converted(W_block[c0:c1], g.dtype), out=product)
+    if once:
+        _write_weight_grad(dW[v0:v1], g, x_c)
 
 
 def _write_weight_grad(dW_block: torch.Tensor, dlogits: torch.Tensor, x_c: torch.Tensor) -> None:
     """dW_block = dlogits.T @ x_c, accumulated in float32 and written once in dW_block's (half) dtype;
     a float32 product goes through a temporary of at most _MATMUL_CLASS_BLOCK classes."""
+    g = _converted(dlogits, x_c.dtype)
     if x_c.dtype == dW_block.dtype:  # half-precision matrix instructions accumulate in float32
-        torch.mm(dlogits.t().to(x_c.dtype), x_c, out=dW_block)
+        torch.mm(g.t(), x_c, out=dW_block)
         return
+    product = _buffer((min(_MATMUL_CLASS_BLOCK, dW_block.shape[0]), x_c.shape[1]), x_c.dtype, x_c.device)
     for v0, v1 in _class_blocks(dW_block.shape[0]):
-        dW_block[v0:v1].copy_(dlogits[:, v0:v1].t().to(x_c.dtype) @ x_c)
+        dW_block[v0:v1].copy_(torch.mm(g[:, v0:v1].t(), x_c, out=product[: v1 - v0]))
 
 
 def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, *, zero: bool = False) -> torch.Tensor:
     if device.type == "cpu":
         return cpu_buffer(shape, dtype, zero=zero)  # huge pages: cheaper first touch
     return torch.zeros(shape, dtype=dtype, device=device) if zero else torch.empty(shape, dtype=dtype, device=device)
+
+
+def _converted(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``: ``t`` itself if it is in it already, else a copy in a _buffer.
+
+    The sweeps convert a block (a weight block into the matmuls' dtype, a block's gradient into the
+    input's) several times per vocabulary block. A _buffer comes back to crossent._memory's cache when
+    dropped and the next block's copy takes it; a fresh ``t.to(dtype)`` each time left glibc's heap
+    fragmented by the small per-block statistics allocated in between, growing by about one
+    temporary per block (measured on the 2-core AVX2 machine, N=4096 D=1024 V=131072 bfloat16: a
+    step's overhead beyond its returned gradients 562 MiB, mostly that growth).
+    """
+    if t.dtype == dtype:
+        return t
+    return _buffer(tuple(t.shape), dtype, t.device).copy_(t)
 
 
 def _vocab_part(
