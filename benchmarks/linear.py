@@ -9,7 +9,12 @@ The fused loss against the naive loss and torch's chunked one; the drop-in loss 
 Each variant runs in a process of its own (crossent.bench.linear): its first step, then steady-state
 steps after it (best and median), and its memory: the raw extra peak and the overhead beyond the
 gradients every variant must return (input and weight gradients in the parameters' dtype), which
-counts what is kept between steps (crossent's buffer cache: `crossent_cache_mib`).
+counts what is kept between steps (crossent's buffer cache: `crossent_cache_mib`). A case's variants
+run in turns, --rounds times (each while its rounds took less than the time limit), and each keeps its
+best round: a slow spell of a shared machine then falls on all of them, not on one. A variant whose
+first step is still running after --time-limit seconds is stopped and reported with its peak memory so
+far: on a CPU without bfloat16 matrix instructions the naive bfloat16 loss takes over an hour a step
+(--gemm-rates measures why).
 
 Prints tables and writes JSON with machine metadata to benchmarks/results/linear-<time>.json (or --out).
 """
@@ -22,12 +27,13 @@ import sys
 
 from crossent.bench import best_in_turns, write_report
 from crossent.bench.linear import (
+    DEFAULT_TIME_LIMIT_S,
     LINEAR_CASES,
     QUICK_LINEAR_CASES,
     VARIANTS,
     LinearCase,
     format_linear_table,
-    plot_linear_memory,
+    plot_linear,
     run_linear_suite,
 )
 
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=pathlib.Path)
-    parser.add_argument("--plot", type=pathlib.Path, help="PNG of extra peak memory per variant")
+    parser.add_argument("--plot", type=pathlib.Path, help="PNG of time and memory overhead per variant")
     parser.add_argument("--only", help="run only the cases whose name contains this text (e.g. f32)")
     parser.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument(
@@ -92,6 +98,21 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         metavar="ROWS",
         help="also time torch's matmuls of the half-precision cases on this many rows",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=DEFAULT_TIME_LIMIT_S,
+        metavar="SECONDS",
+        help="stop a variant still running after this long and report its peak so far (0: no limit; "
+        f"default {DEFAULT_TIME_LIMIT_S:.0f})",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="run a case's variants in turns this many times, each variant while its rounds took less than "
+        "the time limit; its best round counts (default 3)",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparison")
     args = parser.parse_args(argv)
@@ -108,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(variants) - set(VARIANTS))
         if unknown:
             parser.error(f"unknown variants {unknown}; expected some of {list(VARIANTS)}")
-    rows = run_linear_suite(cases, progress=progress, variants=variants)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    rows = run_linear_suite(
+        cases, progress=progress, variants=variants, time_limit=args.time_limit or None, rounds=args.rounds
+    )
     print(format_linear_table(rows))
     report: dict = {"linear": rows}
     if args.gemm_rates:
@@ -125,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         report["compile"] = compiled
     write_report(report, args.out, "linear", pathlib.Path(__file__).parent / "results")
     if args.plot:
-        plot_linear_memory(rows, str(args.plot))
+        plot_linear(rows, str(args.plot))
         print(f"wrote {args.plot}")
     return 0
 

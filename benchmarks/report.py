@@ -135,6 +135,7 @@ def render_linear(name: str, result: dict[str, Any]) -> str:
         "crossent": "`crossent.torch.linear_cross_entropy`",
         "naive+ct": "`x @ W.T`, then `ct.cross_entropy`",
         "naive+ct-inpl": "`x @ W.T`, then `ct.cross_entropy(..., inplace_backward=True)`",
+        "token-stats": "`crossent.torch.linear_token_stats` (log_prob, entropy)",
     }
     lines = [machine_line(name, result["machine"]), ""]
     for case in dict.fromkeys(r["case"] for r in result["linear"]):
@@ -147,24 +148,75 @@ def render_linear(name: str, result: dict[str, Any]) -> str:
             "|---|---|---|---|---|",
         ]
         for r in rows:
+            label = labels.get(r["variant"], r["variant"])
+            if r.get("stopped_after_s") is not None:  # bounds: it would have taken longer, and more memory
+                lines.append(
+                    f"| {label} | stopped after {r['stopped_after_s']:.0f} s | – | ≥ "
+                    f"{r['extra_peak_so_far_mib']:.0f} MiB (so far) | ≥ {r['overhead_so_far_mib']:.0f} MiB (so far) |"
+                )
+                continue
             steady, overhead = _steady_seconds(r), r.get("overhead_mib")
-            steady_cell, overhead_cell = fmt_time(steady), "–" if overhead is None else f"{overhead:.0f} MiB"
-            if naive and r is not naive and steady and _steady_seconds(naive):
+            first_cell, steady_cell = fmt_time(r.get("seconds_first")), fmt_time(steady)
+            overhead_cell = "–" if overhead is None else f"{overhead:.0f} MiB"
+            if naive and r is not naive and r.get("seconds_first") and naive.get("stopped_after_s") is not None:
+                # Naive's first step took longer than the limit: first steps against it, a bound.
+                first_cell += f" (< {r['seconds_first'] / naive['stopped_after_s']:.2f}× naive's)"
+                if overhead is not None and naive["overhead_so_far_mib"] > 0:
+                    overhead_cell += f" (≤ {100 * overhead / naive['overhead_so_far_mib']:.1f}% of naive's)"
+            elif naive and r is not naive and steady and _steady_seconds(naive):
                 steady_cell += f" ({steady / _steady_seconds(naive):.2f}× naive)"
                 if overhead is not None and naive.get("overhead_mib"):
                     overhead_cell += f" ({100 * overhead / naive['overhead_mib']:.1f}% of naive's)"
             lines.append(
-                f"| {labels.get(r['variant'], r['variant'])} | {fmt_time(r.get('seconds_first'))} | {steady_cell} | "
-                f"{r.get('extra_peak_mib') or 0:.0f} MiB | {overhead_cell} |"
+                f"| {label} | {first_cell} | {steady_cell} | {r.get('extra_peak_mib') or 0:.0f} MiB | {overhead_cell} |"
             )
         lines.append("")
     lines.append(
-        "Each variant in a process of its own: its first step, then the best of the steady steps after it. "
+        "Each variant in a process of its own per round, the variants of a case in turns: its first step, "
+        "then the best of the steady steps after it, from its best round (memory: the largest of its rounds). "
         "Extra peak: peak RSS during the steps minus RSS with the inputs in place. Overhead: the extra peak "
         "less the gradients every variant returns (input and weight gradients in the parameters' dtype), "
-        "with what is kept between steps (crossent's buffer cache) counted."
+        "with what is kept between steps (crossent's buffer cache) counted. A variant still running at "
+        "the time limit was stopped: its peak so far bounds its peak below."
     )
+    for rates in result.get("gemm_rates", []):  # benchmarks/linear.py --gemm-rates
+        half = rates["dtype"]
+        products = [k.removeprefix(f"{half} ").removesuffix(" GFLOP/s") for k in rates if k.startswith(f"{half} ")]
+        cells = [f"`{p}` {rates[f'{half} {p} GFLOP/s']:.2f} ({rates[f'float32 {p} GFLOP/s']:.0f})" for p in products]
+        lines += [
+            "",
+            f"torch's three matmuls of the {half} case on {rates['rows']} of its rows, GFLOP/s in {half} "
+            f"(in float32): {', '.join(cells)}.",
+        ]
     return "\n".join(lines)
+
+
+def render_linear_summary(name: str, result: dict[str, Any]) -> str:
+    """One paragraph for the README: crossent's steady step and overhead against the naive loss's, per case."""
+    meta = result["machine"]
+    parts = []
+    for case in dict.fromkeys(r["case"] for r in result["linear"]):
+        rows = {r["variant"]: r for r in result["linear"] if r["case"] == case}
+        ours, naive = rows.get("crossent"), rows.get("naive")
+        if ours is None or naive is None or _steady_seconds(ours) is None:
+            continue
+        if naive.get("stopped_after_s") is not None:  # bounds: naive's first step outlasted the limit
+            parts.append(
+                f"{case}: first step under {ours['seconds_first'] / naive['stopped_after_s']:.2f}× naive's (stopped "
+                f"after {naive['stopped_after_s']:.0f} s), at most "
+                f"{100 * ours['overhead_mib'] / naive['overhead_so_far_mib']:.1f}% of its overhead"
+            )
+        elif _steady_seconds(naive):
+            parts.append(
+                f"{case}: {_steady_seconds(ours) / _steady_seconds(naive):.2f}× its time, "
+                f"{100 * ours['overhead_mib'] / naive['overhead_mib']:.1f}% of its overhead"
+            )
+    return (
+        "The fused linear loss against the naive `x @ W.T` then `F.cross_entropy`, steady steps, each in a "
+        f"process of its own ({_result_link(name)}: {meta.get('cpu', '?')}, {meta.get('cpu_count', '?')} logical "
+        f"CPUs, {meta.get('time', '?')[:10]}): " + "; ".join(parts) + ". Overhead: memory a step adds beyond "
+        "the gradients it returns. Tables and chart: [the design note](docs/design/linear-loss.md)."
+    )
 
 
 def render_distributed(name: str, result: dict[str, Any]) -> str:
@@ -236,6 +288,13 @@ def render_jax(name: str, result: dict[str, Any]) -> str:
 # ---- charts --------------------------------------------------------------------------------------
 
 
+def chart_linear(name: str, result: dict[str, Any], path: pathlib.Path) -> None:
+    """The linear suite's time and memory overhead per variant and case, the machine under them."""
+    from crossent.bench.linear import plot_linear
+
+    plot_linear(result["linear"], str(path), caption=describe_machine(result["machine"]))
+
+
 def chart_sweep(name: str, result: dict[str, Any], path: pathlib.Path) -> None:
     """Time against vocabulary size (the kernel suite's sweep cases), the machine under the title."""
     import matplotlib
@@ -274,6 +333,10 @@ class Chart:
 
 
 KERNEL_COMMAND = "python benchmarks/kernel.py --out benchmarks/results/reference-run.json"
+LINEAR_COMMAND = (
+    "python benchmarks/linear.py --variants naive,crossent,torch-chunked,naive+ct-inpl,token-stats --gemm-rates 64 "
+    "--out benchmarks/results/linear-reference-run.json"
+)
 JAX_COMMAND = "python benchmarks/jax_losses.py --out benchmarks/results/jax-reference-run.json"
 JAX_MALLOC_COMMAND = (
     "MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_ARENA_MAX=1 "
@@ -282,13 +345,8 @@ JAX_MALLOC_COMMAND = (
 SECTIONS = [
     Section("kernel", "README.md", "reference-run.json", render_kernel, KERNEL_COMMAND),
     Section("kernel", "docs/design/benchmarking.md", "reference-run.json", render_kernel, KERNEL_COMMAND),
-    Section(
-        "linear",
-        "docs/design/linear-loss.md",
-        "linear-reference-run.json",
-        render_linear,
-        "python benchmarks/linear.py --out benchmarks/results/linear-reference-run.json",
-    ),
+    Section("linear", "docs/design/linear-loss.md", "linear-reference-run.json", render_linear, LINEAR_COMMAND),
+    Section("linear-summary", "README.md", "linear-reference-run.json", render_linear_summary, LINEAR_COMMAND),
     Section("jax", "docs/jax-ffi.md", "jax-reference-run.json", render_jax, JAX_COMMAND),
     Section("jax-malloc", "docs/jax-ffi.md", "jax-malloc-run.json", render_jax, JAX_MALLOC_COMMAND),
     Section(
@@ -299,7 +357,10 @@ SECTIONS = [
         "python benchmarks/distributed.py --out benchmarks/results/distributed-reference-run.json",
     ),
 ]
-CHARTS = [Chart("benchmarks/results/sweep.png", "reference-run.json", chart_sweep)]
+CHARTS = [
+    Chart("benchmarks/results/sweep.png", "reference-run.json", chart_sweep),
+    Chart("benchmarks/results/linear.png", "linear-reference-run.json", chart_linear),
+]
 
 
 def load(result: str) -> dict[str, Any] | None:

@@ -46,3 +46,39 @@ def test_machine_line_names_the_results_own_machine():
 def test_a_missing_result_says_how_to_produce_it():
     section = report.Section("x", "README.md", "no-such-run.json", report.render_kernel, "python make-it.py")
     assert report.block(section) == "No result yet: `python make-it.py` writes `benchmarks/results/no-such-run.json`."
+
+
+def _linear_result(naive: dict) -> dict:
+    crossent = {"variant": "crossent", "seconds_first": 30.0, "seconds_best": 24.0, "seconds_median": 25.0,
+                "seconds": 24.0, "extra_peak_mib": 359.0, "overhead_mib": 95.0,
+                "kept_between_steps_mib": 359.0}  # fmt: skip
+    rows = [{"case": "bf16 case", **naive}, {"case": "bf16 case", **crossent}]
+    return {"machine": RESULT["machine"], "linear": rows}
+
+
+def test_linear_tables_against_a_stopped_naive_loss_give_bounds():
+    # A variant stopped at the time limit in its first step took longer and more memory than it had
+    # then: the ratios against it are upper bounds (crossent's first step, 30 s, against > 300 s; 95 MiB
+    # against >= 1900 MiB).
+    from crossent.bench.linear import format_linear_table
+
+    stopped = {"variant": "naive", "stopped_after_s": 300.0, "seconds_first": None, "seconds": None,
+               "extra_peak_so_far_mib": 2000.0, "overhead_so_far_mib": 1900.0}  # fmt: skip
+    result = _linear_result(stopped)
+    table = report.render_linear("linear-run.json", result)
+    assert "| stopped after 300 s | – | ≥ 2000 MiB (so far) | ≥ 1900 MiB (so far) |" in table
+    assert "30.00 s (< 0.10× naive's) | 24.00 s |" in table and "95 MiB (≤ 5.0% of naive's)" in table
+    summary = report.render_linear_summary("linear-run.json", result)
+    assert "bf16 case: first step under 0.10× naive's (stopped after 300 s), at most 5.0% of its overhead" in summary
+    text = format_linear_table(result["linear"])
+    assert "stopped after 300 s in its first step; extra peak so far 2000 MiB" in text
+    assert "<0.100 (1st)" in text and "<0.050" in text
+
+
+def test_linear_tables_against_a_finished_naive_loss_give_ratios():
+    finished = {"variant": "naive", "seconds_first": 40.0, "seconds_best": 30.0, "seconds_median": 31.0,
+                "seconds": 30.0, "extra_peak_mib": 2000.0, "overhead_mib": 1900.0,
+                "kept_between_steps_mib": 0.0}  # fmt: skip
+    result = _linear_result(finished)
+    assert "24.00 s (0.80× naive)" in report.render_linear("linear-run.json", result)
+    assert "bf16 case: 0.80× its time, 5.0% of its overhead" in report.render_linear_summary("linear-run.json", result)

@@ -242,7 +242,8 @@ def _sweep(
             if one_pass:
                 _write_weight_grad(dW, dlogits, x_c)
             else:
-                dW.addmm_(_converted(dlogits, dW.dtype).t(), _converted(x_c, dW.dtype))  # float32 accumulation over chunks
+                # float32 accumulation over chunks
+                dW.addmm_(_converted(dlogits, dW.dtype).t(), _converted(x_c, dW.dtype))
             if db is not None:
                 db += dlogits.sum(0, dtype=db.dtype)
     return per_row, grads
@@ -260,7 +261,8 @@ def add_block_grads(
     if db is not None:
         db[v0:v1] += dlogits.sum(0, dtype=db.dtype)
     if not once:
-        dW[v0:v1].addmm_(_converted(dlogits, dW.dtype).t(), _converted(x_c, dW.dtype))  # float32 accumulation over chunks
+        # float32 accumulation over row chunks
+        dW[v0:v1].addmm_(_converted(dlogits, dW.dtype).t(), _converted(x_c, dW.dtype))
     g = _converted(dlogits, x_c.dtype)  # the matmuls' dtype, once for both products
     if x_c.dtype == dx_c.dtype:  # float32 matmuls: added in place, W converted a block at a time
         for c0, c1 in _class_blocks(v1 - v0):
