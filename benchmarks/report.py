@@ -179,6 +179,15 @@ def render_linear(name: str, result: dict[str, Any]) -> str:
         "with what is kept between steps (crossent's buffer cache) counted. A variant still running at "
         "the time limit was stopped: its peak so far bounds its peak below."
     )
+    compiled = result.get("compile")
+    if compiled:  # benchmarks/linear.py without --no-compile
+        n, v = compiled["shape"]
+        lines += [
+            "",
+            f"The drop-in `ct.cross_entropy` under `torch.compile(fullgraph=True)`, {n}×{v} float32 "
+            f"forward+backward, in turns with eager torch: {fmt_time(compiled['crossent_compiled_s'])} against "
+            f"{fmt_time(compiled['eager_torch_s'])} ({compiled['speedup']:.1f}×).",
+        ]
     for rates in result.get("gemm_rates", []):  # benchmarks/linear.py --gemm-rates
         half = rates["dtype"]
         products = [k.removeprefix(f"{half} ").removesuffix(" GFLOP/s") for k in rates if k.startswith(f"{half} ")]
