@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     def progress(label: str, done: int, total: int) -> None:
         print(f"[{done}/{total}] {label}", file=sys.stderr, flush=True)
 
-    cases = QUICK_LINEAR_CASES if args.quick else LINEAR_CASES
+    cases = all_cases = QUICK_LINEAR_CASES if args.quick else LINEAR_CASES
     if args.only:
         cases = [c for c in cases if args.only in c.name]
     variants = VARIANTS
@@ -131,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown variants {unknown}; expected some of {list(VARIANTS)}")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if not args.time_limit >= 0:  # NaN fails too
+        parser.error(f"--time-limit must be 0 (no limit) or a positive number of seconds, got {args.time_limit}")
+    if not cases:
+        parser.error(f"--only {args.only!r} matches no case; the cases are {[c.name for c in all_cases]}")
     rows = run_linear_suite(
         cases, progress=progress, variants=variants, time_limit=args.time_limit or None, rounds=args.rounds
     )

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from crossent.bench.linear import bound_up
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -155,14 +157,17 @@ def render_linear(name: str, result: dict[str, Any]) -> str:
                     f"{r['extra_peak_so_far_mib']:.0f} MiB (so far) | ≥ {r['overhead_so_far_mib']:.0f} MiB (so far) |"
                 )
                 continue
+            if r.get("seconds") is None:  # the child failed: its note, no figures
+                lines.append(f"| {label} | {r.get('note', 'failed')} | – | – | – |")
+                continue
             steady, overhead = _steady_seconds(r), r.get("overhead_mib")
             first_cell, steady_cell = fmt_time(r.get("seconds_first")), fmt_time(steady)
             overhead_cell = "–" if overhead is None else f"{overhead:.0f} MiB"
             if naive and r is not naive and r.get("seconds_first") and naive.get("stopped_after_s") is not None:
                 # Naive's first step took longer than the limit: first steps against it, a bound.
-                first_cell += f" (< {r['seconds_first'] / naive['stopped_after_s']:.2f}× naive's)"
+                first_cell += f" (< {bound_up(r['seconds_first'] / naive['stopped_after_s'], 2)}× naive's)"
                 if overhead is not None and naive["overhead_so_far_mib"] > 0:
-                    overhead_cell += f" (≤ {100 * overhead / naive['overhead_so_far_mib']:.1f}% of naive's)"
+                    overhead_cell += f" (≤ {bound_up(100 * overhead / naive['overhead_so_far_mib'], 1)}% of naive's)"
             elif naive and r is not naive and steady and _steady_seconds(naive):
                 steady_cell += f" ({steady / _steady_seconds(naive):.2f}× naive)"
                 if overhead is not None and naive.get("overhead_mib"):
@@ -210,16 +215,19 @@ def render_linear_summary(name: str, result: dict[str, Any]) -> str:
         if ours is None or naive is None or _steady_seconds(ours) is None:
             continue
         if naive.get("stopped_after_s") is not None:  # bounds: naive's first step outlasted the limit
-            parts.append(
-                f"{case}: first step under {ours['seconds_first'] / naive['stopped_after_s']:.2f}× naive's (stopped "
-                f"after {naive['stopped_after_s']:.0f} s), at most "
-                f"{100 * ours['overhead_mib'] / naive['overhead_so_far_mib']:.1f}% of its overhead"
-            )
+            part = (f"{case}: first step under {bound_up(ours['seconds_first'] / naive['stopped_after_s'], 2)}× "
+                    f"naive's (stopped after {naive['stopped_after_s']:.0f} s)")  # fmt: skip
+            if naive["overhead_so_far_mib"] > 0:
+                share = bound_up(100 * ours["overhead_mib"] / naive["overhead_so_far_mib"], 1)
+                part += f", at most {share}% of its overhead"
+            parts.append(part)
         elif _steady_seconds(naive):
-            parts.append(
-                f"{case}: {_steady_seconds(ours) / _steady_seconds(naive):.2f}× its time, "
-                f"{100 * ours['overhead_mib'] / naive['overhead_mib']:.1f}% of its overhead"
-            )
+            part = f"{case}: {_steady_seconds(ours) / _steady_seconds(naive):.2f}× its time"
+            if naive.get("overhead_mib", 0) > 0:
+                part += f", {100 * ours['overhead_mib'] / naive['overhead_mib']:.1f}% of its overhead"
+            parts.append(part)
+    if not parts:
+        return f"No case of {_result_link(name)} has both crossent and the naive loss measured."
     return (
         "The fused linear loss against the naive `x @ W.T` then `F.cross_entropy`, steady steps, each in a "
         f"process of its own ({_result_link(name)}: {meta.get('cpu', '?')}, {meta.get('cpu_count', '?')} logical "

@@ -82,3 +82,29 @@ def test_linear_tables_against_a_finished_naive_loss_give_ratios():
     result = _linear_result(finished)
     assert "24.00 s (0.80× naive)" in report.render_linear("linear-run.json", result)
     assert "bf16 case: 0.80× its time, 5.0% of its overhead" in report.render_linear_summary("linear-run.json", result)
+
+
+def test_upper_bounds_are_rounded_up():
+    # 27.163 s against a 150 s limit is 0.1811: printed to two decimals, a bound must read 0.19.
+    from crossent.bench.linear import bound_up
+
+    assert bound_up(27.163 / 150, 2) == "0.19" and bound_up(79.83, 1) == "79.9" and bound_up(0.5, 2) == "0.50"
+    stopped = {"variant": "naive", "stopped_after_s": 150.0, "seconds_first": None, "seconds": None,
+               "extra_peak_so_far_mib": 0.0, "overhead_so_far_mib": 0.0}  # fmt: skip
+    summary = report.render_linear_summary("linear-run.json", _linear_result(stopped))
+    assert "first step under 0.20× naive's (stopped after 150 s)" in summary and "%" not in summary
+
+
+def test_rounds_keep_the_best_time_and_the_largest_memory():
+    from crossent.bench.linear import _combine_rounds
+
+    rounds = [
+        {"seconds": 2.0, "seconds_first": 2.5, "extra_peak_mib": 100.0, "first_step_extra_peak_mib": 90.0,
+         "overhead_mib": 40.0, "kept_between_steps_mib": 10.0, "crossent_cache_mib": 5.0},
+        {"seconds": 1.5, "seconds_first": 2.8, "extra_peak_mib": 90.0, "first_step_extra_peak_mib": 95.0,
+         "overhead_mib": 30.0, "kept_between_steps_mib": 12.0, "crossent_cache_mib": 5.0},
+    ]  # fmt: skip
+    row = _combine_rounds(rounds)
+    assert row["seconds"] == 1.5 and row["seconds_first"] == 2.5 and row["seconds_rounds"] == [2.0, 1.5]
+    assert row["extra_peak_mib"] == 100.0 and row["overhead_mib"] == 40.0 and row["kept_between_steps_mib"] == 12.0
+    assert row["rounds"] == 2

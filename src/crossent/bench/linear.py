@@ -26,6 +26,7 @@ Run a child directly: python -m crossent.bench.linear --child VARIANT N D V DTYP
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -96,6 +97,8 @@ def _child(
 
         def loss_fn() -> Any:
             return ct.linear_cross_entropy(x, W, y, chunk_size=chunk_size)
+    elif variant not in VARIANTS:
+        raise SystemExit(f"unknown variant {variant!r}; expected one of {list(VARIANTS)}")
     elif variant == "token-stats":
         import crossent.torch as ct
 
@@ -276,6 +279,11 @@ def run_linear_suite(
     return rows
 
 
+def bound_up(value: float, digits: int) -> str:
+    """``value`` rounded up to ``digits`` decimals: an upper bound printed must stay one (0.1811 -> 0.19)."""
+    return f"{math.ceil(value * 10**digits) / 10**digits:.{digits}f}"
+
+
 def stopped_note(row: dict[str, Any]) -> str:
     """What a variant stopped at the time limit measured: its peak so far."""
     return (f"stopped after {row['stopped_after_s']:.0f} s in its first step; extra peak so far "
@@ -309,9 +317,9 @@ def format_linear_table(rows: list[dict[str, Any]]) -> str:
             t_ratio = f"{r['seconds'] / base['seconds']:.2f}"
             m_ratio = f"{r['overhead_mib'] / base['overhead_mib']:.3f}" if base["overhead_mib"] > 0 else "-"
         elif base is not None and base.get("stopped_after_s") is not None:  # bounds: naive took longer
-            t_ratio = f"<{r['seconds_first'] / base['stopped_after_s']:.3f} (1st)"
+            t_ratio = f"<{bound_up(r['seconds_first'] / base['stopped_after_s'], 3)} (1st)"
             if base["overhead_so_far_mib"] > 0:
-                m_ratio = f"<{r['overhead_mib'] / base['overhead_so_far_mib']:.3f}"
+                m_ratio = f"<{bound_up(r['overhead_mib'] / base['overhead_so_far_mib'], 3)}"
 
         def sec(v: float | None) -> str:
             return "-" if v is None else f"{v:.3f}s"
@@ -393,7 +401,11 @@ def plot_linear(rows: list[dict[str, Any]], path: str, caption: str | None = Non
     plt.close(fig)
 
 
-if __name__ == "__main__" and len(sys.argv) in (8, 9) and sys.argv[1] == "--child":
+if __name__ == "__main__":
+    if len(sys.argv) not in (8, 9) or sys.argv[1] != "--child":
+        raise SystemExit("usage: python -m crossent.bench.linear --child VARIANT N D V DTYPE STEADY_STEPS [LIMIT_S]")
     variant, n, d, v, dtype_name, steady_steps = sys.argv[2:8]
     limit = float(sys.argv[8]) if len(sys.argv) == 9 else None
+    if limit is not None and not limit > 0:
+        raise SystemExit(f"LIMIT_S must be a positive number of seconds, got {sys.argv[8]}")
     print(json.dumps(_child(variant, int(n), int(d), int(v), dtype_name, int(steady_steps), limit)))
