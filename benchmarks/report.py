@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from crossent.bench.linear import bound_up
+from crossent.bench.linear import bound_up, plot_linear
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -307,8 +307,6 @@ def render_jax(name: str, result: dict[str, Any]) -> str:
 
 def chart_linear(name: str, result: dict[str, Any], path: pathlib.Path) -> None:
     """The linear suite's time and memory overhead per variant and case, the machine under them."""
-    from crossent.bench.linear import plot_linear
-
     plot_linear(result["linear"], str(path), caption=describe_machine(result["machine"]))
 
 

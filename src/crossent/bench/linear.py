@@ -334,7 +334,7 @@ def format_linear_table(rows: list[dict[str, Any]]) -> str:
 
 def _draw_bars(ax: Any, rows: list[dict[str, Any]], value: str, stopped_value: str) -> None:
     """Grouped bars of ``value`` per variant and case, log scale; a variant stopped at the time limit
-    is drawn hatched at ``stopped_value`` (a lower bound) and marked with an upward arrow."""
+    is drawn hatched at ``stopped_value`` (a lower bound) and marked "≥"."""
     cases = list(dict.fromkeys(r["case"] for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     width = 0.8 / len(variants)
